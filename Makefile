@@ -1,0 +1,28 @@
+# `make test` and `make demo` work on a fresh machine: they build .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+
+.PHONY: venv test demo bench lint clean
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# CPU torch only when no torch is importable (never a multi-GB CUDA build by accident).
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	$(PIP) install -q -r requirements-dev.txt
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(PY) -m pytest -ra tests
+
+demo: venv
+	$(PY) train/demo.py --out demo_out
+
+bench: venv
+	$(PY) bench/core_forward.py
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache

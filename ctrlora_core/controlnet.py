@@ -1,0 +1,130 @@
+"""The CtrLoRA Base ControlNet: an SD UNet-encoder copy driven by the condition latent.
+
+Differences from a classic ControlNet (spec §1):
+- no hint block: the 4-channel VAE latent of the condition image goes straight into
+  `input_blocks.0` (the noisy latent is never seen);
+- the time embedding and the text context are used as in the UNet;
+- outputs are 13 residuals for SD1.5 (zero conv after each input block, then the
+  middle block's zero conv), in the official order.
+
+Condition adapters (`AdapterStack`) are applied at forward time, so one copy of the
+base weights serves any number of conditions: with N adapters the N condition latents
+run as one batch of N*B, and the residuals are summed with the condition weights.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .adapter_stack import AdapterStack
+from .blocks import Downsample, EmbedSequential, ResBlock, SpatialTransformer, timestep_embedding
+from .config import ControlNetConfig
+from .ops import AdapterRuntime, build_ops
+
+
+class CtrLoRAControlNet(nn.Module):
+    """Base ControlNet with forward-time condition adapters."""
+
+    def __init__(self, config: ControlNetConfig, host_ops: Any = None):
+        super().__init__()
+        self.config = config
+        ops = build_ops(host_ops)
+        mc = config.model_channels
+        emb_ch = mc * 4
+        self.time_embed = nn.Sequential(ops.LoRALinear(mc, emb_ch), nn.SiLU(), ops.LoRALinear(emb_ch, emb_ch))
+        self.input_blocks = nn.ModuleList([EmbedSequential(ops.Conv2d(config.in_channels, mc, 3, padding=1))])
+        self.zero_convs = nn.ModuleList([self._zero_conv(ops, mc)])
+        ch = mc
+        for level, mult in enumerate(config.channel_mult):
+            for _ in range(config.num_res_blocks[level]):
+                layers: list[nn.Module] = [ResBlock(ops, ch, emb_ch, mult * mc)]
+                ch = mult * mc
+                if config.attention_levels[level]:
+                    layers.append(self._transformer(ops, ch))
+                self.input_blocks.append(EmbedSequential(*layers))
+                self.zero_convs.append(self._zero_conv(ops, ch))
+            if level != len(config.channel_mult) - 1:
+                self.input_blocks.append(EmbedSequential(Downsample(ops, ch)))
+                self.zero_convs.append(self._zero_conv(ops, ch))
+        self.middle_block = EmbedSequential(
+            ResBlock(ops, ch, emb_ch, ch), self._transformer(ops, ch), ResBlock(ops, ch, emb_ch, ch))
+        self.middle_block_out = self._zero_conv(ops, ch)
+
+        self.runtime = AdapterRuntime()
+        for name, module in self.named_modules():
+            if hasattr(module, "ctrlora_key"):
+                module.ctrlora_key = name
+                module.ctrlora_runtime = self.runtime
+
+    def _transformer(self, ops: SimpleNamespace, ch: int) -> SpatialTransformer:
+        c = self.config
+        return SpatialTransformer(ops, ch, c.num_heads, ch // c.num_heads, c.transformer_depth,
+                                  c.context_dim, c.use_linear_in_transformer)
+
+    @staticmethod
+    def _zero_conv(ops: SimpleNamespace, ch: int) -> EmbedSequential:
+        return EmbedSequential(ops.AdapterConv2d(ch, ch, 1))
+
+    def lora_module_names(self) -> list[str]:
+        """Names of the Linear layers that carry LoRA (every Linear of the ControlNet)."""
+        return [n for n, m in self.named_modules() if hasattr(m, "ctrlora_key") and isinstance(m, nn.Linear)]
+
+    def set_module_names(self) -> list[str]:
+        """Names of the zero convs and attention norms each adapter replaces."""
+        return [n for n, m in self.named_modules() if hasattr(m, "ctrlora_key") and not isinstance(m, nn.Linear)]
+
+    def forward(
+        self,
+        hint: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor,
+        adapters: AdapterStack | None = None,
+        gradient_checkpointing: bool = False,
+    ) -> list[torch.Tensor]:
+        """Return the control residuals (official order: zero convs 0..n-1, then middle).
+
+        hint:      condition latents [N*B, C, h, w], adapter-major when N adapters are given
+                   (rows i*B..i*B+B-1 belong to adapter i); [B, C, h, w] otherwise.
+        timesteps: [B] diffusion steps (0..999); context: [B, L, D] text embeddings.
+        adapters:  condition adapters; the result is sum_i weights[i] * residuals_i.
+        """
+        n = 1 if adapters is None else adapters.count
+        if hint.shape[0] % n:
+            raise ValueError(f"hint batch {hint.shape[0]} is not a multiple of the {n} active adapters")
+        batch = hint.shape[0] // n
+        if timesteps.shape[0] != batch or context.shape[0] != batch:
+            raise ValueError(f"hint holds {n} x {batch} samples but timesteps has {timesteps.shape[0]} "
+                             f"and context {context.shape[0]}")
+        if adapters is not None:
+            adapters = adapters.to(hint.device, hint.dtype)
+            timesteps = timesteps.repeat(n)
+            context = context.repeat(n, 1, 1)
+
+        self.runtime.stack = adapters
+        try:
+            outs = self._trunk(hint, timesteps, context.to(hint.dtype), gradient_checkpointing)
+        finally:
+            self.runtime.stack = None
+        if adapters is None:
+            return outs
+        weights = adapters.weights.to(hint.device)
+        return [torch.einsum("n,nb...->b...", weights.to(o.dtype), o.reshape(n, batch, *o.shape[1:]))
+                for o in outs]
+
+    def _trunk(self, h: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+               gradient_checkpointing: bool) -> list[torch.Tensor]:
+        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(h.dtype))
+        outs = []
+        for block, zero_conv in zip(self.input_blocks, self.zero_convs):
+            if gradient_checkpointing and torch.is_grad_enabled():
+                h = checkpoint(block, h, emb, context, use_reentrant=False)
+            else:
+                h = block(h, emb, context)
+            outs.append(zero_conv(h, emb, context))
+        h = self.middle_block(h, emb, context)
+        outs.append(self.middle_block_out(h, emb, context))
+        return outs

@@ -1,0 +1,141 @@
+"""Layer classes the model is built from, and the adapter-aware variants of them.
+
+A host (ComfyUI) injects its own `Linear`, `Conv2d`, `GroupNorm` and `LayerNorm`
+classes (for example `comfy.ops.manual_cast`, which casts weights to the input dtype
+and supports low-VRAM offload). Any object with those four attributes works; the
+default is plain `torch.nn`.
+
+`build_ops(host_ops)` derives the namespace the CtrLoRA ControlNet is built from:
+the host's classes, plus subclasses of them that apply the *active condition
+adapters* at forward time:
+
+- `LoRALinear`: y = W x + b + up_i(down_i(x)) for the samples of adapter i;
+- `AdapterConv2d` (zero convs) and `AdapterGroupNorm` / `AdapterLayerNorm`
+  (attention norms): adapter i *replaces* the layer's weight and bias.
+
+The batch is laid out adapter-major: with N adapters and B samples each, rows
+[i*B, (i+1)*B) belong to adapter i. Without active adapters every layer behaves
+exactly like its host class, so the base weights are never copied or rewritten.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapter_stack import AdapterStack
+
+
+class AdapterRuntime:
+    """Holds the adapter stack that is active during one forward pass (or none)."""
+
+    def __init__(self) -> None:
+        self.stack: AdapterStack | None = None
+
+
+class _AdapterSlot:
+    """Mixin: where an adapted layer learns its key and the shared runtime."""
+
+    ctrlora_key: str = ""
+    ctrlora_runtime: AdapterRuntime | None = None
+
+    def active_stack(self) -> AdapterStack | None:
+        runtime = self.ctrlora_runtime
+        return None if runtime is None else runtime.stack
+
+
+def _per_adapter(y: torch.Tensor, n: int) -> torch.Tensor:
+    """View an adapter-major batch [n*B, ...] as [n, B, ...]."""
+    return y.reshape(n, y.shape[0] // n, *y.shape[1:])
+
+
+def _make_lora_linear(base: type) -> type:
+    class LoRALinear(base, _AdapterSlot):  # type: ignore[misc, valid-type]
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = super().forward(x)
+            stack = self.active_stack()
+            pair = None if stack is None else stack.lora.get(self.ctrlora_key)
+            if pair is None:
+                return y
+            down_t, up_t = pair  # [n, in, r], [n, r, out]; strength folded into up
+            n = down_t.shape[0]
+            xs = x.reshape(n, -1, x.shape[-1]).to(down_t.dtype)
+            delta = torch.bmm(torch.bmm(xs, down_t), up_t)
+            return y + delta.reshape(y.shape).to(y.dtype)
+
+    return LoRALinear
+
+
+def _make_adapter_conv(base: type) -> type:
+    class AdapterConv2d(base, _AdapterSlot):  # type: ignore[misc, valid-type]
+        """A 1x1 zero conv whose weight and bias each adapter replaces."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            stack = self.active_stack()
+            pair = None if stack is None else stack.sets.get(self.ctrlora_key)
+            if pair is None:
+                return super().forward(x)
+            weight, bias = pair  # [n, out, in, 1, 1], [n, out]
+            n = weight.shape[0]
+            xs = _per_adapter(x, n).to(weight.dtype)
+            y = torch.einsum("nbchw,noc->nbohw", xs, weight[:, :, :, 0, 0])
+            y = y + bias[:, None, :, None, None]
+            return y.reshape(x.shape[0], *y.shape[2:]).to(x.dtype)
+
+    return AdapterConv2d
+
+
+def _make_adapter_norm(base: type, functional: Any) -> type:
+    class AdapterNorm(base, _AdapterSlot):  # type: ignore[misc, valid-type]
+        """An attention norm whose affine weight and bias each adapter replaces."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            stack = self.active_stack()
+            pair = None if stack is None else stack.sets.get(self.ctrlora_key)
+            if pair is None:
+                return super().forward(x)
+            weight, bias = pair  # [n, C], [n, C]
+            n, channels = weight.shape
+            y = functional(self, x)
+            if isinstance(self, nn.GroupNorm):  # channels on dim 1: [B, C, H, W]
+                shape = (n, 1, channels) + (1,) * (x.dim() - 2)
+            else:  # LayerNorm: channels last: [B, L, C]
+                shape = (n, 1) + (1,) * (x.dim() - 2) + (channels,)
+            y = _per_adapter(y, n) * weight.reshape(shape) + bias.reshape(shape)
+            return y.reshape(x.shape).to(x.dtype)
+
+    return AdapterNorm
+
+
+def _group_norm_no_affine(layer: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    return F.group_norm(x, layer.num_groups, None, None, layer.eps)
+
+
+def _layer_norm_no_affine(layer: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x, layer.normalized_shape, None, None, layer.eps)
+
+
+def build_ops(host_ops: Any = None) -> SimpleNamespace:
+    """Return the layer namespace the model is built from.
+
+    `host_ops` is any object with `Linear`, `Conv2d`, `GroupNorm` and `LayerNorm`
+    attributes (default: `torch.nn`). The result has those plus `LoRALinear`,
+    `AdapterConv2d`, `AdapterGroupNorm` and `AdapterLayerNorm`.
+    """
+    host = torch.nn if host_ops is None else host_ops
+    for name in ("Linear", "Conv2d", "GroupNorm", "LayerNorm"):
+        if not hasattr(host, name):
+            raise TypeError(f"host ops object {host!r} has no attribute {name!r}")
+    return SimpleNamespace(
+        Linear=host.Linear,
+        Conv2d=host.Conv2d,
+        GroupNorm=host.GroupNorm,
+        LayerNorm=host.LayerNorm,
+        LoRALinear=_make_lora_linear(host.Linear),
+        AdapterConv2d=_make_adapter_conv(host.Conv2d),
+        AdapterGroupNorm=_make_adapter_norm(host.GroupNorm, _group_norm_no_affine),
+        AdapterLayerNorm=_make_adapter_norm(host.LayerNorm, _layer_norm_no_affine),
+    )
