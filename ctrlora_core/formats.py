@@ -26,7 +26,7 @@ from enum import Enum
 from typing import Any, Mapping
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .adapters import LORA_DOWN, CtrLoRAAdapter, is_adapter_key
@@ -95,7 +95,7 @@ def _read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str
         if not isinstance(header, dict):
             raise ValueError("bad header")
         tensors = load_file(path)
-    except (SafetensorsError, ValueError, OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (SafetensorError, ValueError, OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"not a readable safetensors file (truncated or corrupt?): {e}", path) from None
     return tensors, dict(header.get("__metadata__") or {})
 

@@ -99,6 +99,7 @@ TWO_LORA_WEIGHTS = (0.7, 0.3)
 
 # Random-init magnitudes (chosen so the 13 residuals are O(0.1..10)).
 WEIGHT_GAIN = 1.0       # conv / linear weights: N(0, gain^2 / fan_in)
+ZERO_CONV_GAIN = 0.5    # same rule, for the 13 output ("zero") convs
 BIAS_STD = 0.1          # conv / linear biases
 NORM_WEIGHT_STD = 0.2   # norm scale: 1 + N(0, std^2)
 NORM_BIAS_STD = 0.1     # norm shift
@@ -219,9 +220,9 @@ def _normal(shape, std: float, gen: torch.Generator, mean: float = 0.0) -> torch
 
 
 @torch.no_grad()
-def randomize_conv_or_linear_(m: nn.Module, gen: torch.Generator) -> None:
+def randomize_conv_or_linear_(m: nn.Module, gen: torch.Generator, gain: float = WEIGHT_GAIN) -> None:
     fan_in = m.weight[0].numel()
-    m.weight.copy_(_normal(m.weight.shape, WEIGHT_GAIN / math.sqrt(fan_in), gen))
+    m.weight.copy_(_normal(m.weight.shape, gain / math.sqrt(fan_in), gen))
     if getattr(m, "bias", None) is not None:
         m.bias.copy_(_normal(m.bias.shape, BIAS_STD, gen))
 
@@ -250,13 +251,14 @@ def randomize_everything_(off: SimpleNamespace, net: nn.Module, gen: torch.Gener
     for m in net.modules():
         if isinstance(m, lora_cls):
             lora_parts.update({id(m.down), id(m.up)})
-    for _, m in net.named_modules():
+    for name, m in net.named_modules():
         if isinstance(m, lora_cls):
             randomize_lora_(m, gen)
         elif isinstance(m, (nn.GroupNorm, nn.LayerNorm)):
             randomize_norm_(m, gen)
         elif isinstance(m, (nn.Conv2d, nn.Linear)) and id(m) not in lora_parts:
-            randomize_conv_or_linear_(m, gen)
+            gain = ZERO_CONV_GAIN if is_zero_conv_name(name) else WEIGHT_GAIN
+            randomize_conv_or_linear_(m, gen, gain)
 
 
 def randomize_condition_params_(off: SimpleNamespace, net: nn.Module, gen: torch.Generator) -> None:
@@ -267,7 +269,7 @@ def randomize_condition_params_(off: SimpleNamespace, net: nn.Module, gen: torch
         if isinstance(m, off.lora.LoRALinearLayer):
             randomize_lora_(m, gen)
         elif is_zero_conv_name(name) and isinstance(m, nn.Conv2d):
-            randomize_conv_or_linear_(m, gen)
+            randomize_conv_or_linear_(m, gen, ZERO_CONV_GAIN)
         elif "norm" in name and isinstance(m, (nn.GroupNorm, nn.LayerNorm)):
             randomize_norm_(m, gen)
 
