@@ -104,11 +104,8 @@ class CtrLoRAControlNet(nn.Module):
             timesteps = timesteps.repeat(n)
             context = context.repeat(n, 1, 1)
 
-        self.runtime.stack = adapters
-        try:
-            outs = self._trunk(hint, timesteps, context.to(hint.dtype), gradient_checkpointing)
-        finally:
-            self.runtime.stack = None
+        with self.runtime.active(adapters):
+            outs = self._trunk(hint, timesteps, context.to(hint.dtype), adapters, gradient_checkpointing)
         if adapters is None:
             return outs
         weights = adapters.weights.to(hint.device)
@@ -116,15 +113,22 @@ class CtrLoRAControlNet(nn.Module):
                 for o in outs]
 
     def _trunk(self, h: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-               gradient_checkpointing: bool) -> list[torch.Tensor]:
+               adapters: AdapterStack | None, gradient_checkpointing: bool) -> list[torch.Tensor]:
         emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(h.dtype))
         outs = []
         for block, zero_conv in zip(self.input_blocks, self.zero_convs):
             if gradient_checkpointing and torch.is_grad_enabled():
-                h = checkpoint(block, h, emb, context, use_reentrant=False)
+                # The block is recomputed during backward, after forward returned: hand it the
+                # adapters explicitly so the recomputation sees the same ones.
+                h = checkpoint(self._block_with_adapters, block, adapters, h, emb, context, use_reentrant=False)
             else:
                 h = block(h, emb, context)
             outs.append(zero_conv(h, emb, context))
         h = self.middle_block(h, emb, context)
         outs.append(self.middle_block_out(h, emb, context))
         return outs
+
+    def _block_with_adapters(self, block: nn.Module, adapters: AdapterStack | None, h: torch.Tensor,
+                             emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        with self.runtime.active(adapters):
+            return block(h, emb, context)

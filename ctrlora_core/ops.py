@@ -19,8 +19,9 @@ exactly like its host class, so the base weights are never copied or rewritten.
 """
 from __future__ import annotations
 
+import contextlib
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,15 @@ class AdapterRuntime:
 
     def __init__(self) -> None:
         self.stack: AdapterStack | None = None
+
+    @contextlib.contextmanager
+    def active(self, stack: AdapterStack | None) -> Iterator[None]:
+        """Make `stack` the active adapters inside the block; the previous ones come back after."""
+        previous, self.stack = self.stack, stack
+        try:
+            yield
+        finally:
+            self.stack = previous
 
 
 class _AdapterSlot:

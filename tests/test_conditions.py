@@ -1,0 +1,238 @@
+"""Tests for ctrlora_core.conditions: dental blend, range checks, image I/O and layouts."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ctrlora_core.conditions import (
+    BLEND_MODES,
+    ConditionError,
+    blend_lighting_seg,
+    check_unit_range,
+    image_to_tensor,
+    load_image,
+    tensor_to_image,
+)
+
+# One pixel, three channels: (l, s) = (0.2, 0.6), (0.8, 0.3), (0.5, 0.25).
+LIGHTING = np.array([[[0.2, 0.8, 0.5]]], dtype=np.float64)
+SEG = np.array([[[0.6, 0.3, 0.25]]], dtype=np.float64)
+
+# f_mode(l, s) worked out by hand for the three channels above.
+HAND_BLENDS = {
+    # f = s
+    "alpha": [0.6, 0.3, 0.25],
+    # f = l * s
+    "multiply": [0.12, 0.24, 0.125],
+    # f = 1 - (1 - l)(1 - s): 1 - 0.8*0.4, 1 - 0.2*0.7, 1 - 0.5*0.75
+    "screen": [0.68, 0.86, 0.625],
+    # l < 0.5: 2ls = 2*0.2*0.6; l >= 0.5: 1 - 2(1-l)(1-s) = 1 - 2*0.2*0.7, 1 - 2*0.5*0.75.
+    # (Switching on s instead of l would give 0.36 and 0.48 for the first two.)
+    "overlay": [0.24, 0.72, 0.25],
+    # pegtop f = (1 - 2s) l^2 + 2sl: -0.2*0.04 + 0.24, 0.4*0.64 + 0.48, 0.5*0.25 + 0.25.
+    # (The W3C formula would give 0.2496 for the first channel.)
+    "soft_light": [0.232, 0.736, 0.375],
+}
+
+
+def random_pair(shape: tuple[int, ...], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(shape, generator=gen), torch.rand(shape, generator=gen)
+
+
+def test_blend_modes_are_exported_in_order():
+    assert BLEND_MODES == ("alpha", "multiply", "screen", "overlay", "soft_light")
+    assert set(HAND_BLENDS) == set(BLEND_MODES)
+
+
+@pytest.mark.parametrize("mode", BLEND_MODES)
+def test_full_blend_matches_hand_values(mode):
+    result = blend_lighting_seg(LIGHTING, SEG, alpha=1.0, mode=mode)
+    np.testing.assert_allclose(result[0, 0], HAND_BLENDS[mode], atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", BLEND_MODES)
+def test_half_alpha_mixes_lighting_and_hand_blend(mode):
+    result = blend_lighting_seg(LIGHTING, SEG, alpha=0.5, mode=mode)
+    expected = 0.5 * LIGHTING[0, 0] + 0.5 * np.array(HAND_BLENDS[mode])
+    np.testing.assert_allclose(result[0, 0], expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", BLEND_MODES)
+def test_alpha_zero_returns_lighting_exactly(mode):
+    lighting, seg = random_pair((2, 8, 8, 3))
+    assert torch.equal(blend_lighting_seg(lighting, seg, alpha=0.0, mode=mode), lighting)
+
+
+@pytest.mark.parametrize("mode", BLEND_MODES)
+def test_result_is_linear_in_alpha(mode):
+    lighting, seg = random_pair((8, 8, 3))
+    full = blend_lighting_seg(lighting, seg, alpha=1.0, mode=mode)
+    quarter = blend_lighting_seg(lighting, seg, alpha=0.25, mode=mode)
+    torch.testing.assert_close(quarter, 0.75 * lighting + 0.25 * full)
+
+
+def test_alpha_one_multiply_is_product():
+    lighting, seg = random_pair((1, 16, 16, 3))
+    assert torch.equal(blend_lighting_seg(lighting, seg, alpha=1.0, mode="multiply"), lighting * seg)
+
+
+def test_result_is_clamped_to_unit_range():
+    lighting = torch.full((2, 2, 3), 1.0005)  # within the tolerance, so accepted
+    seg = torch.full((2, 2, 3), 1.0005)
+    result = blend_lighting_seg(lighting, seg, alpha=1.0, mode="alpha")
+    assert torch.equal(result, torch.ones(2, 2, 3))
+
+
+def test_numpy_and_torch_layouts_agree():
+    lighting, seg = random_pair((2, 4, 5, 3))
+    batched = blend_lighting_seg(lighting, seg, alpha=0.7, mode="overlay")
+    assert isinstance(batched, torch.Tensor) and batched.shape == (2, 4, 5, 3)
+    for i in range(2):
+        single = blend_lighting_seg(lighting[i], seg[i], alpha=0.7, mode="overlay")
+        as_numpy = blend_lighting_seg(lighting[i].numpy(), seg[i].numpy(), alpha=0.7, mode="overlay")
+        assert isinstance(as_numpy, np.ndarray) and as_numpy.dtype == np.float32
+        assert torch.equal(single, batched[i])
+        np.testing.assert_array_equal(as_numpy, batched[i].numpy())
+
+
+def test_batch_of_one_broadcasts():
+    lighting, seg = random_pair((3, 4, 4, 3))
+    result = blend_lighting_seg(lighting, seg[:1], alpha=0.5, mode="screen")
+    assert result.shape == (3, 4, 4, 3)
+    assert torch.equal(result[2], blend_lighting_seg(lighting[2], seg[0], alpha=0.5, mode="screen"))
+
+
+def test_grayscale_broadcasts_and_rgba_alpha_is_dropped():
+    lighting, seg = random_pair((4, 4, 3))
+    gray = lighting[..., :1]
+    rgba = torch.cat([seg, torch.zeros(4, 4, 1)], dim=-1)
+    result = blend_lighting_seg(gray, rgba, alpha=0.5, mode="multiply")
+    expected = blend_lighting_seg(gray.expand(4, 4, 3).clone(), seg, alpha=0.5, mode="multiply")
+    assert result.shape == (4, 4, 3)
+    assert torch.equal(result, expected)
+
+
+def test_size_mismatch_names_both_shapes():
+    with pytest.raises(ConditionError, match=r"lighting \(8, 8, 3\) vs seg \(8, 6, 3\)"):
+        blend_lighting_seg(torch.zeros(8, 8, 3), torch.zeros(8, 6, 3))
+
+
+def test_batch_mismatch_and_rank_mismatch_are_rejected():
+    with pytest.raises(ConditionError, match=r"lighting \(2, 4, 4, 3\) vs seg \(3, 4, 4, 3\)"):
+        blend_lighting_seg(torch.zeros(2, 4, 4, 3), torch.zeros(3, 4, 4, 3))
+    with pytest.raises(ConditionError, match=r"lighting \(4, 4, 3\) vs seg \(1, 4, 4, 3\)"):
+        blend_lighting_seg(torch.zeros(4, 4, 3), torch.zeros(1, 4, 4, 3))
+
+
+def test_bad_mode_lists_valid_modes():
+    with pytest.raises(ConditionError, match="'darken'.*alpha, multiply, screen, overlay, soft_light"):
+        blend_lighting_seg(torch.zeros(2, 2, 3), torch.zeros(2, 2, 3), mode="darken")
+
+
+@pytest.mark.parametrize("alpha", [-0.1, 1.5, float("nan")])
+def test_bad_alpha_is_rejected(alpha):
+    with pytest.raises(ConditionError, match="alpha: must be in \\[0, 1\\]"):
+        blend_lighting_seg(torch.zeros(2, 2, 3), torch.zeros(2, 2, 3), alpha=alpha)
+
+
+def test_out_of_range_input_names_image_and_extremes():
+    seg = torch.zeros(2, 2, 3)
+    seg[0, 0, 0] = 1.25
+    with pytest.raises(ConditionError, match=r"seg: values must be in \[0, 1\], got min 0, max 1.25"):
+        blend_lighting_seg(torch.zeros(2, 2, 3), seg)
+
+
+@pytest.mark.parametrize(
+    ("image", "message"),
+    [
+        (np.zeros((2, 2, 3), dtype=np.uint8), "lighting: expected a float image"),
+        (np.zeros((2, 2, 2), dtype=np.float32), "lighting: expected 1, 3 or 4 channels"),
+        (np.zeros((2, 3), dtype=np.float32), r"lighting: expected shape \[H, W, C\]"),
+        ([[0.0]], "lighting: expected a numpy array or torch tensor, got list"),
+    ],
+)
+def test_bad_image_kinds_are_rejected(image, message):
+    with pytest.raises(ConditionError, match=message):
+        blend_lighting_seg(image, np.zeros((2, 2, 3), dtype=np.float32))
+
+
+def test_check_unit_range_tolerance_and_messages():
+    check_unit_range(np.array([-0.0005, 1.0005]), "ok")
+    with pytest.raises(ConditionError, match=r"cond: values must be in \[0, 1\], got min -0.5, max 0.5"):
+        check_unit_range(torch.tensor([-0.5, 0.5]), "cond")
+    with pytest.raises(ConditionError, match="cond: contains NaN"):
+        check_unit_range(np.array([0.5, np.nan]), "cond")
+    with pytest.raises(ConditionError):
+        check_unit_range(np.array([1.002]), "cond")
+    assert isinstance(ConditionError("x"), ValueError)
+
+
+def save_png(path, array: np.ndarray) -> None:
+    Image.fromarray(array).save(path)
+
+
+def test_load_image_rgb_gray_and_rgba(tmp_path):
+    rgb = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3) * 4
+    save_png(tmp_path / "rgb.png", rgb)
+    loaded = load_image(tmp_path / "rgb.png")
+    assert loaded.dtype == np.float32 and loaded.shape == (4, 5, 3)
+    np.testing.assert_array_equal(loaded, rgb.astype(np.float32) / 255.0)
+
+    gray = np.array([[0, 51], [102, 255]], dtype=np.uint8)
+    save_png(tmp_path / "gray.png", gray)
+    np.testing.assert_array_equal(load_image(tmp_path / "gray.png"), np.repeat(gray[..., None], 3, 2) / np.float32(255))
+
+    rgba = np.concatenate([rgb, np.zeros((4, 5, 1), dtype=np.uint8)], axis=2)
+    save_png(tmp_path / "rgba.png", rgba)
+    np.testing.assert_array_equal(load_image(tmp_path / "rgba.png"), loaded)
+
+
+def test_load_image_sixteen_bit_gray(tmp_path):
+    gray16 = np.array([[0, 65535], [32768, 1000]], dtype=np.uint16)
+    save_png(tmp_path / "gray16.png", gray16)
+    loaded = load_image(tmp_path / "gray16.png")
+    assert loaded.shape == (2, 2, 3)
+    np.testing.assert_allclose(loaded[..., 1], gray16 / 65535.0, rtol=1e-6)
+
+
+def test_load_image_errors_name_the_file(tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_text("not an image")
+    with pytest.raises(ConditionError, match="broken.png: cannot read image"):
+        load_image(broken)
+    with pytest.raises(ConditionError, match="missing.png: cannot read image"):
+        load_image(tmp_path / "missing.png")
+
+
+def test_uint8_round_trip_in_both_layouts():
+    image = np.random.default_rng(0).integers(0, 256, size=(6, 7, 3), dtype=np.uint8)
+    bhwc = image_to_tensor(image)
+    bchw = image_to_tensor(image, layout="BCHW")
+    assert bhwc.shape == (1, 6, 7, 3) and bchw.shape == (1, 3, 6, 7)
+    assert bhwc.dtype == torch.float32
+    assert bchw[0, 2, 5, 4].item() == pytest.approx(image[5, 4, 2] / 255.0)
+    np.testing.assert_array_equal(tensor_to_image(bhwc), image[None])
+    np.testing.assert_array_equal(tensor_to_image(bchw, layout="BCHW"), image[None])
+
+
+def test_float_image_keeps_values_and_batch():
+    image = np.random.default_rng(1).random((2, 3, 4, 3)).astype(np.float32)
+    tensor = image_to_tensor(image, layout="BCHW")
+    assert tensor.shape == (2, 3, 3, 4)
+    np.testing.assert_array_equal(tensor.permute(0, 2, 3, 1).numpy(), image)
+
+
+def test_conversion_errors():
+    with pytest.raises(ConditionError, match=r"image: values must be in \[0, 1\]"):
+        image_to_tensor(np.full((2, 2, 3), 2.0, dtype=np.float32))
+    with pytest.raises(ConditionError, match="image: expected uint8 or float dtype, got int64"):
+        image_to_tensor(np.zeros((2, 2, 3), dtype=np.int64))
+    with pytest.raises(ConditionError, match=r"tensor: values must be in \[0, 1\], got min -1"):
+        tensor_to_image(torch.full((1, 2, 2, 3), -1.0))
+    with pytest.raises(ConditionError, match="tensor: expected a 4-D BHWC tensor"):
+        tensor_to_image(torch.zeros(2, 2, 3))
+    with pytest.raises(ConditionError, match="layout: expected 'BHWC' or 'BCHW', got 'HWC'"):
+        image_to_tensor(np.zeros((2, 2, 3), dtype=np.uint8), layout="HWC")
