@@ -108,7 +108,7 @@ class NoiseSchedule:
         return x
 
     def _coefficients(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """sqrt(abar_t) and sqrt(1 - abar_t), shaped [B, 1, ...] like `like`, in its dtype."""
+        """sqrt(abar_t) and sqrt(1 - abar_t), computed in float64, shaped [B, 1, ...] and typed like `like`."""
         if t.dtype != torch.int64 or t.shape != (like.shape[0],):
             raise ValueError(
                 f"t: expected an int64 tensor of shape [{like.shape[0]}], "
@@ -116,5 +116,6 @@ class NoiseSchedule:
             )
         if bool(((t < 0) | (t >= self.num_timesteps)).any()):
             raise ValueError(f"t: expected timesteps in [0, {self.num_timesteps}), got {t.tolist()}")
-        abar = self.alphas_cumprod.to(like.device)[t].reshape(-1, *([1] * (like.ndim - 1)))
-        return abar.sqrt().to(like.dtype), (1 - abar).sqrt().to(like.dtype)
+        # float64 on the CPU, then moved: some devices (MPS) have no float64.
+        abar = self.alphas_cumprod.double()[t.cpu()].reshape(-1, *([1] * (like.ndim - 1)))
+        return abar.sqrt().to(like.device, like.dtype), (1 - abar).sqrt().to(like.device, like.dtype)

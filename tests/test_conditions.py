@@ -183,7 +183,8 @@ def test_load_image_rgb_gray_and_rgba(tmp_path):
 
     gray = np.array([[0, 51], [102, 255]], dtype=np.uint8)
     save_png(tmp_path / "gray.png", gray)
-    np.testing.assert_array_equal(load_image(tmp_path / "gray.png"), np.repeat(gray[..., None], 3, 2) / np.float32(255))
+    expected_gray = np.repeat(gray[..., None], 3, axis=2).astype(np.float32) / 255.0
+    np.testing.assert_array_equal(load_image(tmp_path / "gray.png"), expected_gray)
 
     rgba = np.concatenate([rgb, np.zeros((4, 5, 1), dtype=np.uint8)], axis=2)
     save_png(tmp_path / "rgba.png", rgba)
