@@ -5,7 +5,11 @@ present (tests and the trainer import the pack on its own), so every `comfy.*` i
 lives inside the node functions.
 """
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from .nodes.info_route import register_routes
 
 WEB_DIRECTORY = "./web"
+
+# GET /ctrlora/info for the front end's metadata panels; a no-op outside ComfyUI.
+register_routes()
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
