@@ -1,0 +1,399 @@
+"""Procedural dental dataset for the bundled demo: teeth arches rendered from 5 views.
+
+Every sample is one dental arch (upper or lower jaw) seen from one view (top, front,
+bottom, left, right), drawn with numpy only by ray casting a union of ellipsoids:
+
+- teeth: 14 per arch (incisors to second molars), each an ellipsoid sized like the
+  real tooth type, placed along a parabolic arch; premolars and molars get cusps;
+- gums: one wider, flatter ellipsoid per tooth at the gum line, merging into a ridge.
+
+Model space: x = left-right, y = towards the lips, z = up; lower teeth point up (+z),
+upper teeth point down. An orthographic camera looks along the view direction with a
+small random tilt, and a directional light comes from the camera's side.
+
+Per sample the renderer produces (all float32 in [0, 1], HWC):
+
+- `lighting`: Lambertian shading n.l with cast shadows, background 0 (1 channel);
+- `seg`:      one flat colour per tooth position (`TOOTH_COLOURS`), gums grey, background black;
+- `target`:   the "photo": textured enamel and gums, ambient + diffuse + specular
+              highlights, cast shadows, a studio background;
+- `depth`, `normal`, `edges`: extra maps of the same scene (used to pretrain the
+  demo's Base ControlNet on conditions other than the demo's own).
+
+The demo condition is `blend_lighting_seg(lighting, seg)`. File names follow the
+dental naming scheme (`upper_front_0001.png`), so prompts come from
+`ctrlora_core.prompts`. Everything is deterministic given (seed, index).
+
+CLI: python train/synth_dental.py --out data/synth --count 200 --size 64
+"""
+from __future__ import annotations
+
+import argparse
+import colorsys
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ctrlora_core.conditions import blend_lighting_seg  # noqa: E402
+from ctrlora_core.prompts import JAWS, VIEWS  # noqa: E402
+
+# Tooth types from the midline backwards: width (mesiodistal), depth (buccolingual),
+# crown height and number of cusps; sizes in decimetres of a real adult arch (1 = 10 cm).
+TOOTH_TYPES = (
+    # name,            width, depth, height, cusps
+    ("central incisor", 0.085, 0.065, 0.100, 0),
+    ("lateral incisor", 0.066, 0.060, 0.088, 0),
+    ("canine",          0.077, 0.078, 0.100, 0),
+    ("first premolar",  0.070, 0.088, 0.082, 2),
+    ("second premolar", 0.068, 0.088, 0.075, 2),
+    ("first molar",     0.102, 0.108, 0.072, 4),
+    ("second molar",    0.095, 0.104, 0.068, 4),
+)
+TEETH_PER_SIDE = len(TOOTH_TYPES)
+NUM_TEETH = 2 * TEETH_PER_SIDE
+GUM_LABEL = NUM_TEETH
+BACKGROUND_LABEL = -1
+
+# One colour per tooth position, ordered from the right second molar to the left one.
+TOOTH_COLOURS = np.array(
+    [colorsys.hsv_to_rgb(k / NUM_TEETH, 0.85 if k % 2 else 0.6, 1.0 if k % 2 else 0.8) for k in range(NUM_TEETH)],
+    dtype=np.float32)
+GUM_COLOUR = np.array([0.5, 0.5, 0.5], dtype=np.float32)
+
+# View -> (direction the camera looks along, image "up" vector) in model space. "top" looks
+# down (+z is up), so it shows the chewing surfaces of the lower jaw and the gum side of the
+# upper one. Top/bottom views are tilted so the tooth sides show too; the side views look
+# slightly towards the chewing surfaces (their z is mirrored for the upper jaw).
+_VIEW_CAMERAS = {
+    "top":    ((0.0, -0.45, -1.0), (0.0, 1.0, 0.0)),
+    "bottom": ((0.0, -0.45, 1.0), (0.0, 1.0, 0.0)),
+    "front":  ((0.0, -1.0, -0.25), (0.0, 0.0, 1.0)),
+    "left":   ((1.0, -0.2, -0.25), (0.0, 0.0, 1.0)),
+    "right":  ((-1.0, -0.2, -0.25), (0.0, 0.0, 1.0)),
+}
+
+EXTRA_MAPS = ("depth", "normal", "edges")
+
+
+@dataclass(frozen=True)
+class Ellipsoids:
+    """K ellipsoids: centres [K,3], rotations [K,3,3] (columns = local axes), radii [K,3],
+    labels [K] (tooth position or GUM_LABEL)."""
+
+    centres: np.ndarray
+    rotations: np.ndarray
+    radii: np.ndarray
+    labels: np.ndarray
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One arch seen from one view, plus the look of its render."""
+
+    jaw: str
+    view: str
+    solids: Ellipsoids
+    occlusal_sign: float  # +1: crowns point to +z (lower jaw), -1: upper jaw
+    direction: np.ndarray  # unit vector the camera looks along
+    right: np.ndarray  # image x axis
+    up: np.ndarray  # image y axis
+    centre: np.ndarray  # model point at the image centre
+    half_extent: float  # half the image width, in model units
+    light: np.ndarray  # unit vector towards the light
+    tooth_tint: np.ndarray  # [NUM_TEETH, 3] enamel albedo per tooth
+    gum_albedo: np.ndarray  # [3]
+    background: tuple[np.ndarray, np.ndarray]  # bottom and top colour of the studio backdrop
+    texture_seed: int  # seeds the surface grain
+
+
+def sample_name(jaw: str, view: str, index: int) -> str:
+    """File name of sample `index`, e.g. 'upper_front_0001.png'."""
+    return f"{jaw}_{view}_{index:04d}.png"
+
+
+def jaw_view_for_index(index: int) -> tuple[str, str]:
+    """Round-robin over the 10 jaw/view combinations, so every split is balanced."""
+    combo = index % (len(JAWS) * len(VIEWS))
+    return JAWS[combo // len(VIEWS)], VIEWS[combo % len(VIEWS)]
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def _rotation(axis: np.ndarray, angle: float) -> np.ndarray:
+    """Rotation matrix about `axis` by `angle` radians (Rodrigues)."""
+    x, y, z = _unit(np.asarray(axis, dtype=np.float64))
+    k = np.array([[0, -z, y], [z, 0, -x], [-y, x, 0]])
+    return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * k @ k
+
+
+def _arch_positions(rng: np.random.Generator, widths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Tooth centres (x, y) and unit tangents along one side (x >= 0) of a U-shaped arch.
+
+    The arch is half an ellipse, x = a cos(phi), y = b sin(phi), walked from the midline
+    (phi = 90 degrees) backwards, widening slightly towards the molars; teeth sit side
+    by side by arc length.
+    """
+    half_width = rng.uniform(0.22, 0.27)
+    depth = rng.uniform(0.38, 0.48)
+    flare = rng.uniform(0.05, 0.25)
+    phi = np.linspace(np.pi / 2, -np.pi / 3, 2000)
+    xs = half_width * np.cos(phi) * (1.0 + flare * (1.0 - np.sin(phi)) / 2)
+    ys = depth * np.sin(phi)
+    arc = np.concatenate([[0.0], np.cumsum(np.hypot(np.diff(xs), np.diff(ys)))])
+    middles = np.cumsum(widths) - widths / 2
+    x, y = np.interp(middles, arc, xs), np.interp(middles, arc, ys)
+    tangent = _unit(np.stack([np.interp(middles, arc, np.gradient(xs)), np.interp(middles, arc, np.gradient(ys))], 1))
+    return np.stack([x, y], axis=1), tangent
+
+
+def _build_arch(rng: np.random.Generator, occlusal_sign: float) -> Ellipsoids:
+    """Teeth, cusps and gum ellipsoids of one arch with random proportions and small misalignments."""
+    scale = rng.uniform(0.9, 1.1)
+    sizes = np.array([t[1:4] for t in TOOTH_TYPES]) * scale
+    positions, tangents = _arch_positions(rng, sizes[:, 0])
+    centres, rotations, radii, labels = [], [], [], []
+
+    def add(centre, rotation, radius, label):
+        centres.append(centre)
+        rotations.append(rotation)
+        radii.append(radius)
+        labels.append(label)
+
+    for side in (-1.0, 1.0):
+        for k, (_, _, _, _, cusps) in enumerate(TOOTH_TYPES):
+            # position 0 = right second molar ... 13 = left second molar
+            label = TEETH_PER_SIDE - 1 - k if side < 0 else TEETH_PER_SIDE + k
+            if rng.random() < 0.04:  # a missing tooth now and then
+                continue
+            width, depth, height = sizes[k] * rng.uniform(0.93, 1.07, size=3)
+            (x, y), (tx, ty) = positions[k], tangents[k]
+            tangent = np.array([side * tx, ty, 0.0])
+            outward = np.array([-ty, side * tx, 0.0]) * side  # away from the arch centre
+            up = np.array([0.0, 0.0, occlusal_sign])
+            base = np.stack([tangent, outward, up], axis=1)
+            tilt = _rotation(rng.normal(size=3), rng.normal(0.0, 0.06))
+            rotation = tilt @ base
+            crown = np.array([side * x, y, 0.0]) + rng.normal(0.0, 0.004, size=3) * [1, 1, 0]
+            add(crown + up * height * 0.5, rotation, np.array([width * 0.53, depth * 0.5, height * 0.5]), label)
+            for c in range(cusps):  # bumps on the chewing surface
+                du = (c % 2 - 0.5) * width * (0.45 if cusps == 4 else 0.0)
+                dv = (c // 2 - 0.5) * depth * 0.45 if cusps == 4 else (c - 0.5) * depth * 0.45
+                offset = rotation @ np.array([du, dv, height * 0.32])
+                add(crown + offset, rotation, np.array([width * 0.26, depth * 0.24, height * 0.2]), label)
+            gum_centre = crown - up * 0.018 - outward * depth * 0.05
+            add(gum_centre, base, np.array([width * 0.75, depth * 0.62, 0.045]), GUM_LABEL)
+    return Ellipsoids(np.array(centres), np.array(rotations), np.array(radii), np.array(labels))
+
+
+def make_scene(seed: int, index: int, jaw: str | None = None, view: str | None = None) -> Scene:
+    """The random scene of sample `index` (jaw and view round-robin unless given)."""
+    rng = np.random.default_rng([seed, index])
+    default_jaw, default_view = jaw_view_for_index(index)
+    jaw, view = jaw or default_jaw, view or default_view
+    if jaw not in JAWS or view not in VIEWS:
+        raise ValueError(f"jaw/view: expected one of {JAWS} / {VIEWS}, got {jaw!r} / {view!r}")
+    sign = 1.0 if jaw == "lower" else -1.0
+    solids = _build_arch(rng, sign)
+
+    look, up_hint = (np.array(v, dtype=np.float64) for v in _VIEW_CAMERAS[view])
+    if view in ("front", "left", "right"):
+        look[2] *= sign  # look slightly towards the chewing surfaces
+    jitter = _rotation(rng.normal(size=3), np.deg2rad(rng.uniform(0.0, 10.0)))
+    direction = _unit(jitter @ look)
+    right = _unit(np.cross(direction, jitter @ up_hint))
+    up = np.cross(right, direction)
+
+    # frame the arch: the extent of each ellipsoid along an axis a is |diag(r) R^T a|
+    def extent(axis: np.ndarray) -> tuple[float, float]:
+        centre = solids.centres @ axis
+        reach = np.linalg.norm(solids.radii * np.einsum("kij,i->kj", solids.rotations, axis), axis=1)
+        return float((centre - reach).min()), float((centre + reach).max())
+
+    (x0, x1), (y0, y1) = extent(right), extent(up)
+    half_extent = 0.5 * max(x1 - x0, y1 - y0) * rng.uniform(1.08, 1.2)
+    shift = rng.uniform(-0.04, 0.04, size=2) * half_extent
+    centre = right * ((x0 + x1) / 2 + shift[0]) + up * ((y0 + y1) / 2 + shift[1])
+
+    light = _unit(-direction + right * rng.uniform(-1.2, 1.2) + up * rng.uniform(-1.0, 1.2))
+    enamel = np.array([0.93, 0.89, 0.80]) * rng.uniform(0.92, 1.02) + rng.normal(0.0, 0.015, size=3)
+    tooth_tint = np.clip(enamel + rng.normal(0.0, 0.025, size=(NUM_TEETH, 3)), 0.0, 1.0)
+    gum = np.clip(np.array([0.80, 0.40, 0.44]) + rng.normal(0.0, 0.04, size=3), 0.0, 1.0)
+    backdrop = np.array([0.20, 0.23, 0.28]) + rng.normal(0.0, 0.04, size=3)
+    background = (np.clip(backdrop * 0.6, 0, 1), np.clip(backdrop * 1.4, 0, 1))
+    return Scene(jaw, view, solids, sign, direction, right, up, centre, half_extent,
+                 light, tooth_tint, gum, background, int(rng.integers(2**31)))
+
+
+def _cast(origins: np.ndarray, direction: np.ndarray, solids: Ellipsoids) -> tuple[np.ndarray, np.ndarray]:
+    """Cast parallel rays from `origins` [P,3] along `direction`.
+
+    Returns the distance to the first surface hit [P] (inf: no hit) and the index of
+    the ellipsoid hit [P] (-1: none). Each ellipsoid is only tested against the rays
+    inside its bounding box as seen along `direction`.
+    """
+    u = _unit(np.cross(direction, [0.0, 0.0, 1.0] if abs(direction[2]) < 0.9 else [1.0, 0.0, 0.0]))
+    v = np.cross(direction, u)
+    ou, ov = origins @ u, origins @ v
+    best_t = np.full(len(origins), np.inf)
+    best_k = np.full(len(origins), -1)
+    for k, (centre, rotation, radii) in enumerate(zip(solids.centres, solids.rotations, solids.radii)):
+        reach_u, reach_v = np.linalg.norm(radii * (rotation.T @ u)), np.linalg.norm(radii * (rotation.T @ v))
+        rays = np.nonzero((np.abs(ou - centre @ u) <= reach_u) & (np.abs(ov - centre @ v) <= reach_v))[0]
+        if len(rays) == 0:
+            continue
+        # in the ellipsoid's unit-sphere coordinates: |o + t d|^2 = 1
+        o = (origins[rays] - centre) @ rotation / radii
+        d = direction @ rotation / radii
+        a, b, c = d @ d, 2.0 * (o @ d), (o * o).sum(axis=1) - 1.0
+        disc = b * b - 4.0 * a * c
+        t = (-b - np.sqrt(np.maximum(disc, 0.0))) / (2.0 * a)
+        closer = (disc > 0) & (t > 1e-6) & (t < best_t[rays])
+        best_t[rays[closer]] = t[closer]
+        best_k[rays[closer]] = k
+    return best_t, best_k
+
+
+def _value_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    """Smooth noise in [0, 1]: a random grid of `cells` x `cells` upsampled bicubically."""
+    grid = Image.fromarray((rng.random((cells, cells)) * 255).astype(np.uint8))
+    return np.asarray(grid.resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
+
+
+def _downsample(image: np.ndarray, factor: int) -> np.ndarray:
+    """Box filter [H*f, W*f, C] -> [H, W, C]."""
+    h, w = image.shape[0] // factor, image.shape[1] // factor
+    return image.reshape(h, factor, w, factor, -1).mean(axis=(1, 3))
+
+
+def render(scene: Scene, size: int = 64, supersample: int = 2) -> dict[str, np.ndarray]:
+    """Render all maps of `scene` at size x size (float32 HWC in [0, 1]) plus `labels` [H, W] (int)."""
+    n = size * supersample
+    rng = np.random.default_rng(scene.texture_seed)
+    coords = (np.arange(n) + 0.5) / n * 2.0 - 1.0
+    px, py = np.meshgrid(coords * scene.half_extent, -coords * scene.half_extent)
+    origins = (scene.centre + px[..., None] * scene.right + py[..., None] * scene.up - 10.0 * scene.direction)
+    origins = origins.reshape(-1, 3)
+
+    t, nearest = _cast(origins, scene.direction, scene.solids)
+    hit = nearest >= 0
+    labels = np.where(hit, scene.solids.labels[nearest], BACKGROUND_LABEL)
+
+    # surface normals from the local coordinates of the hit on its ellipsoid
+    points = origins + np.where(hit, t, 0.0)[:, None] * scene.direction
+    rot, rad = scene.solids.rotations[nearest], scene.solids.radii[nearest]
+    local = np.einsum("pi,pij->pj", points - scene.solids.centres[nearest], rot) / rad
+    normals = _unit(np.einsum("pij,pj->pi", rot, local / rad))
+
+    _, blocker = _cast(points + normals * 1e-4, scene.light, scene.solids)
+    lit = (blocker < 0) & hit
+    diffuse = np.clip(normals @ scene.light, 0.0, 1.0) * lit
+    lighting = np.where(hit, diffuse, 0.0)
+
+    is_tooth = hit & (labels != GUM_LABEL)
+    crown = np.clip(points[:, 2] * scene.occlusal_sign / 0.1, 0.0, 1.0)  # 0 at the gum line, 1 at the tip
+    albedo = np.where(is_tooth[:, None], scene.tooth_tint[np.clip(labels, 0, NUM_TEETH - 1)], scene.gum_albedo)
+    albedo = albedo * np.where(is_tooth, 0.88 + 0.12 * crown, 1.0)[:, None]  # yellower near the gums
+    albedo = albedo + np.where(is_tooth, 0.05 * crown ** 3, 0.0)[:, None] * [-0.3, 0.0, 0.6]  # translucent tip
+    grain = _value_noise(rng, n, max(4, n // 6)).reshape(-1)
+    albedo = albedo * np.where(is_tooth, 0.97 + 0.06 * grain, 0.8 + 0.35 * grain)[:, None]
+    half = _unit(scene.light - scene.direction)
+    shininess = np.where(is_tooth, 60.0, 18.0)
+    specular = np.where(is_tooth, 0.55, 0.25) * np.clip(normals @ half, 0.0, 1.0) ** shininess * lit
+    shaded = albedo * (0.22 + 0.78 * diffuse[:, None]) + specular[:, None]
+    backdrop_mix = np.repeat(np.linspace(1.0, 0.0, n), n)[:, None]
+    bottom, top = scene.background
+    target = np.where(hit[:, None], shaded, bottom + (top - bottom) * backdrop_mix)
+
+    seg_colours = np.concatenate([TOOTH_COLOURS, GUM_COLOUR[None], np.zeros((1, 3), np.float32)])
+    seg = seg_colours[labels]  # label -1 picks the black row
+
+    depth_along = np.where(hit, t, np.nan)
+    near, far = np.nanmin(depth_along, initial=np.inf), np.nanmax(depth_along, initial=-np.inf)
+    depth = np.where(hit, 1.0 - 0.8 * (depth_along - near) / max(far - near, 1e-6), 0.0)
+    camera_normals = np.stack([normals @ scene.right, normals @ scene.up, -(normals @ scene.direction)], axis=1)
+    normal = np.where(hit[:, None], (camera_normals + 1.0) / 2.0, 0.0)
+
+    grid_labels = labels.reshape(n, n)
+    grid_depth = np.where(hit, t, 1e3).reshape(n, n)
+    edges = np.zeros((n, n), dtype=bool)
+    for axis in (0, 1):
+        changed = (np.diff(grid_labels, axis=axis) != 0) | (np.abs(np.diff(grid_depth, axis=axis)) > 0.02)
+        pad = [(0, 1), (0, 0)] if axis == 0 else [(0, 0), (0, 1)]
+        edges |= np.pad(changed, pad)
+
+    def finish(image: np.ndarray, channels: int) -> np.ndarray:
+        return np.clip(_downsample(image.reshape(n, n, channels), supersample), 0.0, 1.0).astype(np.float32)
+
+    centre_pixel = supersample // 2
+    return {
+        "lighting": finish(lighting, 1),
+        "seg": seg.reshape(n, n, 3)[centre_pixel::supersample, centre_pixel::supersample].astype(np.float32),
+        "target": finish(target, 3),
+        "depth": finish(depth, 1),
+        "normal": finish(normal, 3),
+        "edges": finish(edges.astype(np.float64), 1),
+        "labels": grid_labels[centre_pixel::supersample, centre_pixel::supersample].astype(np.int64),
+    }
+
+
+def condition_image(maps: dict[str, np.ndarray], alpha: float = 0.5, mode: str = "alpha") -> np.ndarray:
+    """The demo's condition: the lighting map blended with the segmentation map."""
+    return blend_lighting_seg(maps["lighting"], maps["seg"], alpha=alpha, mode=mode)
+
+
+def _save_png(image: np.ndarray, path: Path) -> None:
+    pixels = np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
+    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(path)
+
+
+def write_dataset(out_dir: str | os.PathLike, count: int, seed: int = 0, size: int = 64, start: int = 0,
+                  alpha: float = 0.5, mode: str = "alpha", extra_maps: tuple[str, ...] = ()) -> list[str]:
+    """Write samples start..start+count-1 into `out_dir`; return their file names.
+
+    Folders: source/ (condition = blended lighting + seg), target/, source_lighting/,
+    source_seg/ and one folder per name in `extra_maps` (depth, normal, edges). This is
+    the trainer's dental layout: prompts come from the file names.
+    """
+    unknown = set(extra_maps) - set(EXTRA_MAPS)
+    if unknown:
+        raise ValueError(f"extra_maps: unknown {sorted(unknown)}; valid: {EXTRA_MAPS}")
+    root = Path(out_dir)
+    folders = {"source": "source", "target": "target", "lighting": "source_lighting", "seg": "source_seg"}
+    folders.update({name: name for name in extra_maps})
+    for folder in folders.values():
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    names = []
+    for index in range(start, start + count):
+        scene = make_scene(seed, index)
+        maps = render(scene, size)
+        maps["source"] = condition_image(maps, alpha, mode)
+        name = sample_name(scene.jaw, scene.view, index)
+        for key, folder in folders.items():
+            _save_png(maps[key], root / folder / name)
+        names.append(name)
+    return names
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--count", type=int, default=200)
+    parser.add_argument("--start", type=int, default=0, help="index of the first sample")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--extra-maps", nargs="*", default=[], choices=EXTRA_MAPS)
+    args = parser.parse_args(argv)
+    names = write_dataset(args.out, args.count, args.seed, args.size, args.start, extra_maps=tuple(args.extra_maps))
+    print(f"wrote {len(names)} samples to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
