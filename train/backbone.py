@@ -26,6 +26,8 @@ class Backbone(Protocol):
     controlnet: CtrLoRAControlNet
     #: where compute happens
     device: torch.device
+    #: names the frozen weights (paths, sizes, mtimes); part of the latent-cache key
+    identity: str
 
     def encode_moments(self, images: torch.Tensor) -> torch.Tensor:
         """VAE posterior moments [B, 8, h, w] (mean and logvar, unscaled) of images [B, 3, H, W].
@@ -46,6 +48,15 @@ class Backbone(Protocol):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] in [-1, 1] from scaled latents."""
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute UNet (and ControlNet) blocks in the backward pass to save memory."""
+
+    def compile_unet(self) -> None:
+        """Wrap the UNet forward in torch.compile (call after set_gradient_checkpointing)."""
+
+    def release_encoders(self) -> None:
+        """Move the VAE encoder and text encoder off the accelerator once everything is cached."""
 
 
 def sample_latent(moments: torch.Tensor, scale: float, generator: torch.Generator | None = None) -> torch.Tensor:
