@@ -40,7 +40,7 @@ class LoRAHandle:
         """Read and check the file now (kind, values, ranks); keep only what identifies it."""
         adapter = load_adapter(path)
         stat = os.stat(path)
-        info = {"rank": adapter.rank, "tensors": len(adapter.tensors), **adapter.metadata}
+        info = {**adapter.metadata, "rank": adapter.rank, "tensors": len(adapter.tensors)}
         return cls(adapter.name, strength, (os.path.realpath(path), stat.st_size, stat.st_mtime), info, path=path)
 
     @classmethod

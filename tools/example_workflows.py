@@ -56,16 +56,27 @@ def _pack_slots(node_type: str) -> tuple[list[tuple[str, str, bool]], list[tuple
     return inputs, list(zip(names, cls.RETURN_TYPES))
 
 
+# Sizes the nodes are drawn at (at least what the front end computes, with the web panels).
+SIZES = {
+    "MarkdownNote": (330, 220), "LoadImage": (300, 340), "CtrLoRABlendLightingSeg": (320, 360),
+    "PreviewImage": (300, 300), "CtrLoRALoRALoader": (340, 190), "CtrLoRACondition": (300, 100),
+    "CtrLoRABlendLoRAs": (300, 240), "CheckpointLoaderSimple": (340, 100), "CtrLoRABaseLoader": (340, 170),
+    "CtrLoRADentalPrompt": (400, 250), "CLIPTextEncode": (400, 170), "CtrLoRAApply": (300, 240),
+    "EmptyLatentImage": (300, 110), "KSampler": (300, 270), "VAEDecode": (200, 50), "SaveImage": (300, 330),
+}
+GAP = 40
+
+
 @dataclass
 class Node:
     id: int
     type: str
-    pos: tuple[int, int]
     widgets: list[Any]
     title: str | None = None
     color: str | None = None
     inputs: list[dict] = field(default_factory=list)
     outputs: list[dict] = field(default_factory=list)
+    pos: tuple[int, int] = (0, 0)
 
 
 class Graph:
@@ -73,14 +84,13 @@ class Graph:
         self.nodes: list[Node] = []
         self.links: list[list] = []
 
-    def add(self, node_type: str, pos: tuple[int, int], widgets: list[Any], title: str | None = None,
-            color: str | None = None) -> Node:
+    def add(self, node_type: str, widgets: list[Any], title: str | None = None, color: str | None = None) -> Node:
         if node_type in CORE:
             link_inputs = [(name, kind, False) for name, kind in CORE[node_type][0]]
             outputs = CORE[node_type][1]
         else:
             link_inputs, outputs = _pack_slots(node_type)
-        node = Node(len(self.nodes) + 1, node_type, pos, widgets, title, color)
+        node = Node(len(self.nodes) + 1, node_type, widgets, title, color)
         for name, kind, optional in link_inputs:
             entry = {"name": name, "type": kind, "link": None}
             if optional:
@@ -109,7 +119,8 @@ class Graph:
         nodes = []
         for order, node in enumerate(self.nodes):
             entry: dict[str, Any] = {
-                "id": node.id, "type": node.type, "pos": list(node.pos), "flags": {}, "order": order, "mode": 0,
+                "id": node.id, "type": node.type, "pos": list(node.pos), "size": list(SIZES[node.type]),
+                "flags": {}, "order": order, "mode": 0,
                 "inputs": node.inputs,
                 "outputs": [dict(o, links=o["links"] or None) for o in node.outputs],
                 "properties": {"Node name for S&R": node.type},
@@ -128,122 +139,127 @@ class Graph:
 NOTE_COLOR = ("#432", "#653")
 
 
+def column(x: int, *nodes: Node, y: int = 0) -> None:
+    """Place `nodes` top to bottom at x, starting at y."""
+    for node in nodes:
+        node.pos = (x, y)
+        y += SIZES[node.type][1] + GAP
+
+
 def _sampling_tail(g: Graph, checkpoint: Node, apply: Node, x: int) -> None:
     """Empty latent -> KSampler (official defaults: DDIM, 20 steps, CFG 7.5) -> decode -> save."""
-    latent = g.add("EmptyLatentImage", (x, 420), [512, 512, 1])
-    sampler = g.add("KSampler", (x + 340, 0), [0, "fixed", 20, 7.5, "ddim", "ddim_uniform", 1.0])
+    latent = g.add("EmptyLatentImage", [512, 512, 1])
+    sampler = g.add("KSampler", [0, "fixed", 20, 7.5, "ddim", "ddim_uniform", 1.0])
     g.link(checkpoint, 0, sampler, "model")
     g.link(apply, 0, sampler, "positive")
     g.link(apply, 1, sampler, "negative")
     g.link(latent, 0, sampler, "latent_image")
-    decode = g.add("VAEDecode", (x + 700, 0), [])
+    decode = g.add("VAEDecode", [])
     g.link(sampler, 0, decode, "samples")
     g.link(checkpoint, 2, decode, "vae")
-    save = g.add("SaveImage", (x + 700, 120), ["ctrlora_dental"])
+    save = g.add("SaveImage", ["ctrlora_dental"])
     g.link(decode, 0, save, "images")
+    column(x, latent, sampler)
+    column(x + 340, decode, save)
 
 
-def _dental_condition_image(g: Graph) -> Node:
-    """Lighting + segmentation maps -> blended condition image (with a preview)."""
-    lighting = g.add("LoadImage", (0, 0), ["upper_front_lighting.png", "image"], title="Lighting map")
-    seg = g.add("LoadImage", (0, 420), ["upper_front_seg.png", "image"], title="Segmentation map")
-    blend = g.add("CtrLoRABlendLightingSeg", (360, 0), [0.5, "alpha"])
+def _dental_condition_image(g: Graph, note: Node, *more_inputs: Node) -> Node:
+    """Lighting + segmentation maps -> blended condition image (with a preview); column 0 and 1."""
+    lighting = g.add("LoadImage", ["upper_front_lighting.png", "image"], title="Lighting map")
+    seg = g.add("LoadImage", ["upper_front_seg.png", "image"], title="Segmentation map")
+    blend = g.add("CtrLoRABlendLightingSeg", [0.5, "alpha"])
     g.link(lighting, 0, blend, "lighting")
     g.link(seg, 0, blend, "segmentation")
-    preview = g.add("PreviewImage", (360, 200), [], title="Condition image")
+    preview = g.add("PreviewImage", [], title="Condition image")
     g.link(blend, 0, preview, "images")
+    column(0, note, lighting, seg)
+    column(360, blend, preview, *more_inputs)
     return blend
 
 
-def _prompts_and_base(g: Graph, x: int) -> tuple[Node, Node, Node, Node]:
-    """Checkpoint, Base ControlNet, Dental Prompt -> CLIP Text Encode (positive), negative prompt."""
-    checkpoint = g.add("CheckpointLoaderSimple", (x, 0), [CHECKPOINT])
-    base = g.add("CtrLoRABaseLoader", (x, 150), [BASE])
-    prompt = g.add("CtrLoRADentalPrompt", (x, 280), ["upper", "front", DEFAULT_TEMPLATE, ""])
-    positive = g.add("CLIPTextEncode", (x + 400, 280), [""], title="Positive (from Dental Prompt)")
+def _note(g: Graph, text: str) -> Node:
+    return g.add("MarkdownNote", [text], color=NOTE_COLOR)
+
+
+def _prompts_base_apply(g: Graph, conditions: Node) -> None:
+    """Checkpoint, Base ControlNet, prompts -> Apply CtrLoRA -> sampling (columns 3 to 6)."""
+    checkpoint = g.add("CheckpointLoaderSimple", [CHECKPOINT])
+    base = g.add("CtrLoRABaseLoader", [BASE])
+    prompt = g.add("CtrLoRADentalPrompt", ["upper", "front", DEFAULT_TEMPLATE, ""])
+    positive = g.add("CLIPTextEncode", [""], title="Positive (from Dental Prompt)")
     g.link(checkpoint, 1, positive, "clip")
     g.link(prompt, 0, positive, "text", widget=True)
-    negative = g.add("CLIPTextEncode", (x + 400, 470), [NEGATIVE], title="Negative")
+    negative = g.add("CLIPTextEncode", [NEGATIVE], title="Negative")
     g.link(checkpoint, 1, negative, "clip")
-    return checkpoint, base, positive, negative
-
-
-def _apply(g: Graph, x: int, checkpoint: Node, base: Node, positive: Node, negative: Node,
-           conditions: Node) -> Node:
-    apply = g.add("CtrLoRAApply", (x, 0), [1.0, 0.0, 1.0, True, "constant"])
+    apply = g.add("CtrLoRAApply", [1.0, 0.0, 1.0, True, "constant"])
     g.link(positive, 0, apply, "positive")
     g.link(negative, 0, apply, "negative")
     g.link(base, 0, apply, "base")
     g.link(conditions, 0, apply, "conditions")
     g.link(checkpoint, 2, apply, "vae")
-    return apply
+    column(1100, checkpoint, base, prompt)
+    column(1540, positive, negative, apply)
+    _sampling_tail(g, checkpoint, apply, 1980)
 
 
 def dental_single_condition() -> dict:
     g = Graph()
-    g.add("MarkdownNote", (0, -260), [
-        "### CtrLoRA: dental render from one condition\n"
-        f"- `models/checkpoints/{CHECKPOINT}` (SD1.5)\n"
-        f"- `models/ctrlora/{BASE}` (official Base ControlNet)\n"
-        f"- `models/ctrlora/{DENTAL_LORA}` (a LoRA trained with `train/train_lora.py`)\n"
-        "- lighting and segmentation maps of the teeth model in `input/`\n\n"
-        "The prompt comes from the jaw and view (or a file name such as `upper_front_0001.png`)."],
-        color=NOTE_COLOR)
-    condition_image = _dental_condition_image(g)
-    lora = g.add("CtrLoRALoRALoader", (760, 0), [DENTAL_LORA, 1.0])
-    condition = g.add("CtrLoRACondition", (760, 150), [1.0])
+    note = _note(g, "### CtrLoRA: dental render from one condition\n"
+                 f"- `models/checkpoints/{CHECKPOINT}` (SD1.5)\n"
+                 f"- `models/ctrlora/{BASE}` (official Base ControlNet)\n"
+                 f"- `models/ctrlora/{DENTAL_LORA}` (trained with `train/train_lora.py`)\n"
+                 "- lighting and segmentation maps of the teeth model in `input/`\n\n"
+                 "The prompt comes from the jaw and view (or a file name such as `upper_front_0001.png`).")
+    condition_image = _dental_condition_image(g, note)
+    lora = g.add("CtrLoRALoRALoader", [DENTAL_LORA, 1.0])
+    condition = g.add("CtrLoRACondition", [1.0])
     g.link(lora, 0, condition, "lora")
     g.link(condition_image, 0, condition, "image")
-    checkpoint, base, positive, negative = _prompts_and_base(g, 1120)
-    apply = _apply(g, 1900, checkpoint, base, positive, negative, condition)
-    _sampling_tail(g, checkpoint, apply, 2260)
+    column(720, lora, condition)
+    _prompts_base_apply(g, condition)
     return g.to_json()
 
 
 def dental_multi_condition() -> dict:
     g = Graph()
-    g.add("MarkdownNote", (0, -260), [
-        "### CtrLoRA: two conditions on one Base ControlNet\n"
-        f"Condition 1: lighting + segmentation with `{DENTAL_LORA}`.\n"
-        f"Condition 2: a depth render of the same teeth model with the official `{DEPTH_LORA}`.\n\n"
-        "Chain any number of **CtrLoRA Condition** nodes: they run as one batch through one copy "
-        "of the base, and their residuals are summed with the condition weights."], color=NOTE_COLOR)
-    condition_image = _dental_condition_image(g)
-    depth_image = g.add("LoadImage", (0, 840), ["upper_front_depth.png", "image"], title="Depth map")
-    dental_lora = g.add("CtrLoRALoRALoader", (760, 0), [DENTAL_LORA, 1.0])
-    first = g.add("CtrLoRACondition", (760, 150), [1.0], title="Condition 1: lighting + seg")
+    note = _note(g, "### CtrLoRA: two conditions on one Base ControlNet\n"
+                 f"1. lighting + segmentation with `{DENTAL_LORA}`\n"
+                 f"2. a depth render of the same teeth model with the official `{DEPTH_LORA}`\n\n"
+                 "Chain any number of **CtrLoRA Condition** nodes: they run as one batch through one copy "
+                 "of the base; their residuals are summed with the condition weights.")
+    depth_image = g.add("LoadImage", ["upper_front_depth.png", "image"], title="Depth map")
+    condition_image = _dental_condition_image(g, note, depth_image)
+    dental_lora = g.add("CtrLoRALoRALoader", [DENTAL_LORA, 1.0])
+    first = g.add("CtrLoRACondition", [1.0], title="Condition 1: lighting + seg")
     g.link(dental_lora, 0, first, "lora")
     g.link(condition_image, 0, first, "image")
-    depth_lora = g.add("CtrLoRALoRALoader", (760, 420), [DEPTH_LORA, 1.0])
-    second = g.add("CtrLoRACondition", (760, 570), [0.5], title="Condition 2: depth")
+    depth_lora = g.add("CtrLoRALoRALoader", [DEPTH_LORA, 1.0])
+    second = g.add("CtrLoRACondition", [0.5], title="Condition 2: depth")
     g.link(depth_lora, 0, second, "lora")
     g.link(depth_image, 0, second, "image")
     g.link(first, 0, second, "previous")
-    checkpoint, base, positive, negative = _prompts_and_base(g, 1120)
-    apply = _apply(g, 1900, checkpoint, base, positive, negative, second)
-    _sampling_tail(g, checkpoint, apply, 2260)
+    column(720, dental_lora, first, depth_lora, second)
+    _prompts_base_apply(g, second)
     return g.to_json()
 
 
 def lora_blending() -> dict:
     g = Graph()
-    g.add("MarkdownNote", (0, -260), [
-        "### CtrLoRA: blend two LoRAs into one condition\n"
-        f"`{DENTAL_LORA}` x 0.7 + the official `{SEG_LORA}` x 0.3, used for the lighting + "
-        "segmentation condition. rank 0 keeps the blend exact; set save_name to write it to "
-        "`models/ctrlora/` and load it later like any LoRA."], color=NOTE_COLOR)
-    condition_image = _dental_condition_image(g)
-    dental_lora = g.add("CtrLoRALoRALoader", (760, 0), [DENTAL_LORA, 1.0])
-    seg_lora = g.add("CtrLoRALoRALoader", (760, 150), [SEG_LORA, 1.0])
-    blend = g.add("CtrLoRABlendLoRAs", (760, 300), [0.7, 0.3, 0.5, 0.5, 0, ""])
+    note = _note(g, "### CtrLoRA: blend two LoRAs into one condition\n"
+                 f"`{DENTAL_LORA}` x 0.7 + the official `{SEG_LORA}` x 0.3, used for the lighting + "
+                 "segmentation condition. rank 0 keeps the blend exact; a save_name writes it to "
+                 "`models/ctrlora/` to load later like any LoRA.")
+    condition_image = _dental_condition_image(g, note)
+    dental_lora = g.add("CtrLoRALoRALoader", [DENTAL_LORA, 1.0])
+    seg_lora = g.add("CtrLoRALoRALoader", [SEG_LORA, 1.0])
+    blend = g.add("CtrLoRABlendLoRAs", [0.7, 0.3, 0.5, 0.5, 0, ""])
     g.link(dental_lora, 0, blend, "lora_1")
     g.link(seg_lora, 0, blend, "lora_2")
-    condition = g.add("CtrLoRACondition", (760, 560), [1.0])
+    condition = g.add("CtrLoRACondition", [1.0])
     g.link(blend, 0, condition, "lora")
     g.link(condition_image, 0, condition, "image")
-    checkpoint, base, positive, negative = _prompts_and_base(g, 1120)
-    apply = _apply(g, 1900, checkpoint, base, positive, negative, condition)
-    _sampling_tail(g, checkpoint, apply, 2260)
+    column(720, dental_lora, seg_lora, blend, condition)
+    _prompts_base_apply(g, condition)
     return g.to_json()
 
 

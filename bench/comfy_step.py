@@ -1,0 +1,203 @@
+"""Per-step time and peak memory of sampling inside ComfyUI with CtrLoRA vs core ControlNets.
+
+    COMFYUI_PATH=/path/to/ComfyUI <ComfyUI's python> bench/comfy_step.py [--res 256] [--steps 6] [--device cpu|gpu]
+
+ComfyUI is used as a library (its own loader, CLIP, ControlNet and KSampler code: the
+core node classes and comfy.sample.sample), with the pack imported the way ComfyUI
+imports it. Full-size random-weight models from tests/integration/fake_models.py
+(SD1.5 checkpoint, a classic SD1.5 ControlNet, the CtrLoRA base, rank-128 LoRAs).
+
+Cases, each in its own process so its peak memory is its own:
+  txt2img       no control (the baseline the control memory is measured from)
+  controlnet    (a) one core ControlNet (Apply ControlNet (Advanced))
+  ctrlora1      (b) Apply CtrLoRA with one LoRA (weights merged: the single-condition fast path)
+  ctrlora3      (c) Apply CtrLoRA with three conditions (one base copy, one batched pass)
+  controlnet3   three chained core ControlNets, three separate model copies (what (c) replaces)
+A step is timed from ComfyUI's sampler callback: one warm-up sampling run, then the mean
+of steps 2..N of a second run (so loading and the hint's VAE encoding are not counted).
+Peak memory: process peak RSS on the CPU, torch.cuda.max_memory_allocated on a GPU; the
+control's share is the peak minus the txt2img peak. Also the bytes of the control weights
+the case holds (model parameters + stacked adapters).
+
+Targets (printed with the ratios): (b)/(a) step <= 1.03; (c) control memory <= 0.45 x
+controlnet3's; (c) step <= 0.8 x controlnet3's. Writes bench/results/comfy_step_<device>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CASES = ("txt2img", "controlnet", "ctrlora1", "ctrlora3", "controlnet3")
+PROMPT = "a 3D dental model of upper teeth, front view, dental photography"
+NEGATIVE = "blurry, low quality"
+
+
+def cpu_name() -> str:
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
+    return platform.processor() or "cpu"
+
+
+def setup_comfy(comfy_path: str, device: str):
+    """Import ComfyUI's `nodes` (first on sys.path) and this pack (as ComfyUI imports custom nodes)."""
+    sys.path.insert(0, comfy_path)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = device == "cpu"
+    import nodes as comfy_nodes
+
+    spec = importlib.util.spec_from_file_location("ComfyUI_CtrLoRA", os.path.join(ROOT, "__init__.py"),
+                                                  submodule_search_locations=[ROOT])
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = pack
+    spec.loader.exec_module(pack)
+    return comfy_nodes, pack
+
+
+def run_case(case: str, args: argparse.Namespace) -> dict:
+    """Time one case in this process."""
+    import torch
+
+    comfy_nodes, pack = setup_comfy(args.comfyui, args.device)
+    import comfy.model_management as mm
+    import comfy.sample
+    import folder_paths
+
+    sys.path.append(os.path.join(ROOT, "tests"))
+    from integration import fake_models
+
+    cache = fake_models.cache_dir()
+    links = tempfile.mkdtemp(prefix="comfy-step-cn-")
+    for i in range(3):  # three names: ComfyUI loads three separate copies
+        os.symlink(os.path.join(cache, fake_models.CONTROLNET), os.path.join(links, f"cn_{i}.safetensors"))
+    folder_paths.add_model_folder_path("checkpoints", cache)
+    folder_paths.add_model_folder_path("controlnet", links)
+    folder_paths.add_model_folder_path("ctrlora", cache)
+
+    model, clip, vae = comfy_nodes.CheckpointLoaderSimple().load_checkpoint(fake_models.CHECKPOINT)[:3]
+    positive = comfy_nodes.CLIPTextEncode().encode(clip, PROMPT)[0]
+    negative = comfy_nodes.CLIPTextEncode().encode(clip, NEGATIVE)[0]
+    generator = torch.Generator().manual_seed(0)
+    hints = [torch.rand(1, args.res, args.res, 3, generator=generator) for _ in range(3)]
+    control_bytes = 0
+    if case.startswith("controlnet"):
+        for i in range(3 if case == "controlnet3" else 1):
+            control = comfy_nodes.ControlNetLoader().load_controlnet(f"cn_{i}.safetensors")[0]
+            positive, negative = comfy_nodes.ControlNetApplyAdvanced().apply_controlnet(
+                positive, negative, control, hints[i], 1.0, 0.0, 1.0)
+            control_bytes += mm.module_size(control.control_model)
+    elif case.startswith("ctrlora"):
+        nodes = pack.NODE_CLASS_MAPPINGS
+        base = nodes["CtrLoRABaseLoader"]().load(fake_models.BASE)["result"][0]
+        conditions = None
+        names = (fake_models.DENTAL_LORA, fake_models.DEPTH_LORA, fake_models.SEG_LORA)
+        for name, hint in list(zip(names, hints))[: 3 if case == "ctrlora3" else 1]:
+            lora = nodes["CtrLoRALoRALoader"]().load(name, 1.0)["result"][0]
+            conditions = nodes["CtrLoRACondition"]().add(lora, hint, 1.0 / 3 if case == "ctrlora3" else 1.0,
+                                                         conditions)[0]
+        positive, negative = nodes["CtrLoRAApply"]().apply(positive, negative, base, conditions, vae, 1.0, 0.0, 1.0)
+        control = positive[0][1]["control"]
+        control_bytes = mm.module_size(base.module) + (0 if control.merge_key else control.stack.numel() * 4)
+
+    latent = comfy_nodes.EmptyLatentImage().generate(args.res, args.res, 1)[0]["samples"]
+    noise = comfy.sample.prepare_noise(latent, 0)
+
+    def sample(steps: int) -> list[float]:
+        stamps: list[float] = []
+        comfy.sample.sample(model, noise, steps, 7.5, "ddim", "ddim_uniform", positive, negative, latent,
+                            callback=lambda *_: stamps.append(time.perf_counter()), disable_pbar=True, seed=0)
+        return stamps
+
+    sample(2)  # warm-up: loads the models, first VAE encoding
+    if args.device == "gpu":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    stamps = sample(args.steps)
+    steps = [b - a for a, b in zip(stamps, stamps[1:])]
+    if args.device == "gpu":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"case": case, "s_per_step": sum(steps) / len(steps), "steps": steps, "peak_bytes": peak,
+            "control_weight_bytes": control_bytes, "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def ratio(results: dict, a: str, b: str, key: str) -> float | None:
+    if a in results and b in results and results[b][key]:
+        return results[a][key] / results[b][key]
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"), help="ComfyUI checkout ($COMFYUI_PATH)")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--res", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=6, help="steps of the timed run (steps 2..N are averaged)")
+    parser.add_argument("--cases", nargs="*", default=list(CASES), choices=CASES)
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print JSON
+    args = parser.parse_args()
+    if not args.comfyui:
+        sys.exit("set COMFYUI_PATH (or --comfyui) to a ComfyUI checkout")
+    if args.case:
+        print("RESULT " + json.dumps(run_case(args.case, args)))
+        return
+
+    sys.path.append(os.path.join(ROOT, "tests"))
+    from integration import fake_models
+
+    if fake_models.missing_files(fake_models.cache_dir()):
+        subprocess.run([sys.executable, fake_models.__file__], check=True, env=dict(os.environ, COMFYUI_PATH=args.comfyui))
+    load_before = os.getloadavg()
+    results = {}
+    for case in args.cases:
+        command = [sys.executable, __file__, "--case", case, "--comfyui", args.comfyui, "--device", args.device,
+                   "--res", str(args.res), "--steps", str(args.steps)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        if done.returncode or not lines:
+            sys.exit(f"case {case} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        results[case] = json.loads(lines[-1][len("RESULT "):])
+        print(f"{case:<12} {results[case]['s_per_step']:7.3f} s/step  peak {results[case]['peak_bytes'] / 2**30:6.2f} GiB"
+              f"  control weights {results[case]['control_weight_bytes'] / 2**30:5.2f} GiB", flush=True)
+    if "txt2img" in results:
+        for r in results.values():
+            r["control_peak_bytes"] = r["peak_bytes"] - results["txt2img"]["peak_bytes"]
+    ratios = {
+        "b_over_a_step (target <= 1.03)": ratio(results, "ctrlora1", "controlnet", "s_per_step"),
+        "c_over_three_chained_step (target <= 0.8)": ratio(results, "ctrlora3", "controlnet3", "s_per_step"),
+        "c_over_three_copies_control_peak_memory (target <= 0.45)":
+            ratio(results, "ctrlora3", "controlnet3", "control_peak_bytes") if "txt2img" in results else None,
+        "c_over_three_copies_control_weights": ratio(results, "ctrlora3", "controlnet3", "control_weight_bytes"),
+        "a_over_txt2img_step": ratio(results, "controlnet", "txt2img", "s_per_step"),
+    }
+    for name, value in ratios.items():
+        print(f"{name:<58} {'n/a' if value is None else f'{value:.3f}'}")
+    import torch
+
+    device = torch.cuda.get_device_name(0) if args.device == "gpu" else cpu_name()
+    report = {"bench": "comfy_step", "device": device, "res": args.res, "batch": 1, "cfg_batch": 2,
+              "steps_timed": args.steps - 1, "sampler": "ddim / ddim_uniform, cfg 7.5", "lora_rank": 128,
+              "load_average_before_after": [load_before, os.getloadavg()], "results": results, "ratios": ratios,
+              "memory_note": ("peak = process peak RSS (CPU) or CUDA max allocated (GPU); control_peak = "
+                              "peak minus the txt2img peak")}
+    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
+    out = os.path.join(ROOT, "bench", "results", f"comfy_step_{args.device}.json")
+    with open(out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(out)
+
+
+if __name__ == "__main__":
+    main()
