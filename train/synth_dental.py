@@ -16,7 +16,8 @@ Per sample the renderer produces (all float32 in [0, 1], HWC):
 - `lighting`: Lambertian shading n.l with cast shadows, background 0 (1 channel);
 - `seg`:      one flat colour per tooth position (`TOOTH_COLOURS`), gums grey, background black;
 - `target`:   the "photo": textured enamel and gums, ambient + diffuse + specular
-              highlights, cast shadows, a studio background;
+              highlights, cast shadows, a fixed studio backdrop (`BACKDROP`: one
+              setup, so the background is predictable from the condition);
 - `depth`, `normal`, `edges`: extra maps of the same scene (used to pretrain the
   demo's Base ControlNet on conditions other than the demo's own).
 
@@ -80,6 +81,9 @@ _VIEW_CAMERAS = {
 
 EXTRA_MAPS = ("depth", "normal", "edges")
 
+# Bottom and top colour of the vertical gradient behind the arch.
+BACKDROP = (np.array([0.12, 0.14, 0.17]), np.array([0.28, 0.31, 0.36]))
+
 
 @dataclass(frozen=True)
 class Ellipsoids:
@@ -108,7 +112,6 @@ class Scene:
     light: np.ndarray  # unit vector towards the light
     tooth_tint: np.ndarray  # [NUM_TEETH, 3] enamel albedo per tooth
     gum_albedo: np.ndarray  # [3]
-    background: tuple[np.ndarray, np.ndarray]  # bottom and top colour of the studio backdrop
     texture_seed: int  # seeds the surface grain
 
 
@@ -226,10 +229,8 @@ def make_scene(seed: int, index: int, jaw: str | None = None, view: str | None =
     enamel = np.array([0.93, 0.89, 0.80]) * rng.uniform(0.92, 1.02) + rng.normal(0.0, 0.015, size=3)
     tooth_tint = np.clip(enamel + rng.normal(0.0, 0.025, size=(NUM_TEETH, 3)), 0.0, 1.0)
     gum = np.clip(np.array([0.80, 0.40, 0.44]) + rng.normal(0.0, 0.04, size=3), 0.0, 1.0)
-    backdrop = np.array([0.20, 0.23, 0.28]) + rng.normal(0.0, 0.04, size=3)
-    background = (np.clip(backdrop * 0.6, 0, 1), np.clip(backdrop * 1.4, 0, 1))
     return Scene(jaw, view, solids, sign, direction, right, up, centre, half_extent,
-                 light, tooth_tint, gum, background, int(rng.integers(2**31)))
+                 light, tooth_tint, gum, int(rng.integers(2**31)))
 
 
 def _cast(origins: np.ndarray, direction: np.ndarray, solids: Ellipsoids) -> tuple[np.ndarray, np.ndarray]:
@@ -309,7 +310,7 @@ def render(scene: Scene, size: int = 64, supersample: int = 2) -> dict[str, np.n
     specular = np.where(is_tooth, 0.55, 0.25) * np.clip(normals @ half, 0.0, 1.0) ** shininess * lit
     shaded = albedo * (0.22 + 0.78 * diffuse[:, None]) + specular[:, None]
     backdrop_mix = np.repeat(np.linspace(1.0, 0.0, n), n)[:, None]
-    bottom, top = scene.background
+    bottom, top = BACKDROP
     target = np.where(hit[:, None], shaded, bottom + (top - bottom) * backdrop_mix)
 
     seg_colours = np.concatenate([TOOTH_COLOURS, GUM_COLOUR[None], np.zeros((1, 3), np.float32)])
