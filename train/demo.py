@@ -1,7 +1,7 @@
 """The bundled demo (`make demo`): train a CtrLoRA LoRA for a new condition, on a CPU, in minutes.
 
 No Stable Diffusion weights can ship with this repository, so the demo runs the real code
-on a miniature configuration (see docs/demo.md):
+on a miniature configuration (see the README section "Demo"):
 
 1. generate a procedural dental dataset (`synth_dental.py`): teeth arches, upper/lower x
    top/front/bottom/left/right; condition = lighting map blended with a per-tooth
@@ -156,7 +156,7 @@ total {t['total']:.0f} s on {report['machine']['threads']} CPU thread(s) ({repor
 Files: `lora.safetensors` (the trained LoRA, official layout), `preview.png`
 (condition | untrained | trained | target), `samples/`, `data/`, `log.jsonl` (training loss).
 Everything here is miniature (64 px images, ~{report['model_params_m']:.1f}M-parameter models): it shows that
-the training code learns a new control, not what SD1.5 + the official base produce (docs/demo.md).
+the training code learns a new control, not what SD1.5 + the official base produce (README, section "Demo").
 """
     (out / "report.md").write_text(text)
 
