@@ -43,7 +43,7 @@ LORA_METADATA = {"condition": "dental", "prompt_template": "a 3D dental model of
 def e2e_skip_reason() -> str | None:
     """Why the browser tests cannot run here, or None."""
     if not COMFYUI_PATH:
-        return "COMFYUI_PATH is not set (path of a ComfyUI v0.3.64 checkout; see the README section "In the browser")"
+        return "COMFYUI_PATH is not set (path of a ComfyUI v0.3.64 checkout; see the README section 'In the browser')"
     if not (Path(COMFYUI_PATH) / "main.py").is_file():
         return f"COMFYUI_PATH={COMFYUI_PATH} has no main.py"
     if not os.access(CHROMIUM, os.X_OK):
