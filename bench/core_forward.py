@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -25,17 +24,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench_device import device_label, results_path  # noqa: E402
+
 CASES = ("plain", "single", "multi3", "chained3")
-
-
-def device_name(device: str) -> str:
-    import torch
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(0)
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
-    return platform.processor() or "cpu"
 
 
 def run_case(case: str, args: argparse.Namespace) -> dict:
@@ -142,11 +133,11 @@ def main() -> None:
     }
     for name, value in ratios.items():
         print(f"{name:<32} {value:.3f}")
-    report = {"bench": "core_forward", "device": device_name(args.device), "torch": torch.__version__,
+    report = {"bench": "core_forward", "device": device_label(gpu), "torch": torch.__version__,
               "config": args.config, "res": args.res, "batch": args.batch, "rank": args.rank, "dtype": args.dtype,
               "reps": args.reps, "results": results, "ratios": ratios,
               "memory_note": "peak = CUDA max allocated" if gpu else "peak = process peak RSS (includes Python/torch)"}
-    out_path = args.out or os.path.join(ROOT, "bench", "results", f"core_forward_{'gpu' if gpu else 'cpu'}.json")
+    out_path = args.out or results_path("core_forward", gpu)
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
     with open(out_path, "w") as f:
         json.dump(report, f, indent=2)

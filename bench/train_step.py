@@ -16,7 +16,7 @@ config = the SD1.5 UNet layout, 860M; a full-size CtrLoRA base; an SD-width auto
 CLIP-L-sized text encoder, both somewhat cheaper than the real ones, which favours the official
 mode); on CPU, the miniature demo config. Each mode runs in its own process, so peak memory is
 clean: CUDA max allocated on GPU, max RSS on CPU. Prints figures and ratios and writes
-bench/results/train_step.json. Targets (GPU): >= 3x samples/s, <= 0.5x peak memory, and the
+bench/results/train_step_<device>.json. Targets (GPU): >= 3x samples/s, <= 0.5x peak memory, and the
 1k-pair recipe <= 5 min on one H100.
 """
 from __future__ import annotations
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -46,10 +45,10 @@ from train.backbone_tiny import TinyBackbone  # noqa: E402
 from train.dataset import check_dataset, load_pair  # noqa: E402
 from train.latent_cache import cached_latents, cached_prompts  # noqa: E402
 from train.tiny_models import TinyAutoencoder, TinyTextEncoder, TinyUNet  # noqa: E402
+from bench_device import device_label, results_path  # noqa: E402
 from train.train_lora import (AdapterModule, TrainConfig, loss_on, make_batch, pick_device,  # noqa: E402
                               resolve_precision, slot_generator)
 
-RESULTS = ROOT / "bench" / "results" / "train_step.json"
 
 
 def write_pairs(folder: Path, count: int, size: int) -> Path:
@@ -217,7 +216,8 @@ def main() -> None:
     official, ours = runs["official"], runs["ours"]
     ratios = {"samples_per_s": ours["samples_per_s"] / official["samples_per_s"],
               "peak_memory": ours[memory_key] / official[memory_key]}
-    label = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    gpu = device.type == "cuda"
+    label = device_label(gpu)
     print(f"device {device} ({label}), preset {args.preset}, {args.size}x{args.size}, {args.steps} timed steps")
     for name, run in runs.items():
         print(f"  {name:17s} batch {run['batch_size']:2d} {run['precision']:15s} "
@@ -228,11 +228,12 @@ def main() -> None:
     if e2e:
         print(f"end to end: {e2e['pairs']} pairs, {e2e['steps']} steps in {e2e['seconds']:.0f} s "
               f"(target <= 300 s on one H100)")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"device": str(device), "preset": args.preset, "size": args.size,
+    out = Path(results_path("train_step", gpu))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"device": label, "device_type": device.type, "preset": args.preset, "size": args.size,
                                    "torch": torch.__version__, "runs": runs, "ratios": ratios,
                                    "memory_measure": memory_key, "end_to_end": e2e}, indent=2))
-    print(f"wrote {RESULTS.relative_to(ROOT)}")
+    print(f"wrote {out.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .config import ControlNetConfig
+
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding [B, dim] of (integer or float) timesteps, cosines first as in LDM."""
@@ -183,7 +185,42 @@ class SpatialTransformer(nn.Module):
             h = block(h, context)
         if self.use_linear:
             h = self.proj_out(h)
-        h = rearrange(h, "b (y x) c -> b c y x", y=height, x=width)
+        h = rearrange(h, "b (y x) c -> b c y x", y=height, x=width).contiguous()  # NCHW for the convs after
         if not self.use_linear:
             h = self.proj_out(h)
         return h + x
+
+
+def spatial_transformer(ops: SimpleNamespace, config: ControlNetConfig, channels: int) -> SpatialTransformer:
+    """The cross-attention block of `config` at `channels` channels."""
+    return SpatialTransformer(ops, channels, config.num_heads, channels // config.num_heads,
+                              config.transformer_depth, config.context_dim, config.use_linear_in_transformer)
+
+
+def unet_encoder(ops: SimpleNamespace, config: ControlNetConfig) -> tuple[nn.Sequential, nn.ModuleList,
+                                                                        EmbedSequential, list[int]]:
+    """The SD1.x UNet encoder half, shared by the Base ControlNet and the demo's UNet.
+
+    Returns (time_embed, input_blocks, middle_block, channels), where `channels[i]` is the
+    width of input block i's output (the middle block keeps the last width).
+    """
+    mc = config.model_channels
+    emb_ch = mc * 4
+    time_embed = nn.Sequential(ops.LoRALinear(mc, emb_ch), nn.SiLU(), ops.LoRALinear(emb_ch, emb_ch))
+    input_blocks = nn.ModuleList([EmbedSequential(ops.Conv2d(config.in_channels, mc, 3, padding=1))])
+    channels = [mc]
+    ch = mc
+    for level, mult in enumerate(config.channel_mult):
+        for _ in range(config.num_res_blocks[level]):
+            layers: list[nn.Module] = [ResBlock(ops, ch, emb_ch, mult * mc)]
+            ch = mult * mc
+            if config.attention_levels[level]:
+                layers.append(spatial_transformer(ops, config, ch))
+            input_blocks.append(EmbedSequential(*layers))
+            channels.append(ch)
+        if level != len(config.channel_mult) - 1:
+            input_blocks.append(EmbedSequential(Downsample(ops, ch)))
+            channels.append(ch)
+    middle_block = EmbedSequential(
+        ResBlock(ops, ch, emb_ch, ch), spatial_transformer(ops, config, ch), ResBlock(ops, ch, emb_ch, ch))
+    return time_embed, input_blocks, middle_block, channels

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .adapter_stack import AdapterStack
-from .blocks import Downsample, EmbedSequential, ResBlock, SpatialTransformer, timestep_embedding
+from .blocks import EmbedSequential, timestep_embedding, unet_encoder
 from .config import ControlNetConfig
 from .ops import AdapterRuntime, build_ops
 
@@ -33,37 +33,15 @@ class CtrLoRAControlNet(nn.Module):
         super().__init__()
         self.config = config
         ops = build_ops(host_ops)
-        mc = config.model_channels
-        emb_ch = mc * 4
-        self.time_embed = nn.Sequential(ops.LoRALinear(mc, emb_ch), nn.SiLU(), ops.LoRALinear(emb_ch, emb_ch))
-        self.input_blocks = nn.ModuleList([EmbedSequential(ops.Conv2d(config.in_channels, mc, 3, padding=1))])
-        self.zero_convs = nn.ModuleList([self._zero_conv(ops, mc)])
-        ch = mc
-        for level, mult in enumerate(config.channel_mult):
-            for _ in range(config.num_res_blocks[level]):
-                layers: list[nn.Module] = [ResBlock(ops, ch, emb_ch, mult * mc)]
-                ch = mult * mc
-                if config.attention_levels[level]:
-                    layers.append(self._transformer(ops, ch))
-                self.input_blocks.append(EmbedSequential(*layers))
-                self.zero_convs.append(self._zero_conv(ops, ch))
-            if level != len(config.channel_mult) - 1:
-                self.input_blocks.append(EmbedSequential(Downsample(ops, ch)))
-                self.zero_convs.append(self._zero_conv(ops, ch))
-        self.middle_block = EmbedSequential(
-            ResBlock(ops, ch, emb_ch, ch), self._transformer(ops, ch), ResBlock(ops, ch, emb_ch, ch))
-        self.middle_block_out = self._zero_conv(ops, ch)
+        self.time_embed, self.input_blocks, self.middle_block, channels = unet_encoder(ops, config)
+        self.zero_convs = nn.ModuleList([self._zero_conv(ops, ch) for ch in channels])
+        self.middle_block_out = self._zero_conv(ops, channels[-1])
 
         self.runtime = AdapterRuntime()
         for name, module in self.named_modules():
             if hasattr(module, "ctrlora_key"):
                 module.ctrlora_key = name
                 module.ctrlora_runtime = self.runtime
-
-    def _transformer(self, ops: SimpleNamespace, ch: int) -> SpatialTransformer:
-        c = self.config
-        return SpatialTransformer(ops, ch, c.num_heads, ch // c.num_heads, c.transformer_depth,
-                                  c.context_dim, c.use_linear_in_transformer)
 
     @staticmethod
     def _zero_conv(ops: SimpleNamespace, ch: int) -> EmbedSequential:

@@ -9,7 +9,8 @@ default is plain `torch.nn`.
 the host's classes, plus subclasses of them that apply the *active condition
 adapters* at forward time:
 
-- `LoRALinear`: y = W x + b + up_i(down_i(x)) for the samples of adapter i;
+- `LoRALinear`: y = W x + b + up_i(down_i(x)) for the samples of adapter i (at inference,
+  computed through W + (up_i down_i) when that is cheaper: many tokens, wide layers);
 - `AdapterConv2d` (zero convs) and `AdapterGroupNorm` / `AdapterLayerNorm`
   (attention norms): adapter i *replaces* the layer's weight and bias.
 
@@ -65,18 +66,37 @@ def _per_adapter(y: torch.Tensor, n: int) -> torch.Tensor:
 def _make_lora_linear(base: type) -> type:
     class LoRALinear(base, _AdapterSlot):  # type: ignore[misc, valid-type]
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = super().forward(x)
             stack = self.active_stack()
             pair = None if stack is None else stack.lora.get(self.ctrlora_key)
             if pair is None:
-                return y
+                return super().forward(x)
             down_t, up_t = pair  # [n, in, r], [n, r, out]; strength folded into up
-            n = down_t.shape[0]
-            xs = x.reshape(n, -1, x.shape[-1]).to(down_t.dtype)
+            n, features_in, _ = down_t.shape
+            xs = x.reshape(n, -1, features_in).to(down_t.dtype)
+            tokens, features_out = xs.shape[1], self.out_features
+            if not torch.is_grad_enabled() and tokens * (features_in + features_out) > features_in * features_out:
+                return _merged_per_adapter(self, xs, down_t, up_t).reshape(*x.shape[:-1], features_out).to(x.dtype)
+            y = super().forward(x)
             delta = torch.bmm(torch.bmm(xs, down_t), up_t)
             return y + delta.reshape(y.shape).to(y.dtype)
 
     return LoRALinear
+
+
+def _merged_per_adapter(layer: nn.Linear, xs: torch.Tensor, down_t: torch.Tensor, up_t: torch.Tensor) -> torch.Tensor:
+    """Inference through W_i = W + (down_i up_i)^T, built for this call only: [n, T, in] -> [n, T, out].
+
+    The low-rank path costs T*r*(in+out) per adapter on top of the base layer; building the
+    merged weight costs r*in*out, so it wins once an adapter has more than in*out/(in+out)
+    tokens (most attention layers at sampling resolutions). It needs n*in*out transient
+    memory and is only used without autograd (training keeps the low-rank path's memory).
+    """
+    weight = layer.weight.to(xs.device, xs.dtype)  # [out, in]; host-cast like the host layer does
+    merged = torch.baddbmm(weight.t().expand(xs.shape[0], -1, -1), down_t, up_t)  # [n, in, out]
+    y = torch.bmm(xs, merged)
+    if layer.bias is not None:
+        y = y + layer.bias.to(y.device, y.dtype)
+    return y
 
 
 def _make_adapter_conv(base: type) -> type:
@@ -90,10 +110,9 @@ def _make_adapter_conv(base: type) -> type:
                 return super().forward(x)
             weight, bias = pair  # [n, out, in, 1, 1], [n, out]
             n = weight.shape[0]
-            xs = _per_adapter(x, n).to(weight.dtype)
-            y = torch.einsum("nbchw,noc->nbohw", xs, weight[:, :, :, 0, 0])
-            y = y + bias[:, None, :, None, None]
-            return y.reshape(x.shape[0], *y.shape[2:]).to(x.dtype)
+            xs = _per_adapter(x.flatten(2), n).to(weight.dtype)  # [n, B, in, HW]
+            y = torch.matmul(weight[:, None, :, :, 0, 0], xs) + bias[:, None, :, None]  # [n, B, out, HW], NCHW
+            return y.reshape(x.shape[0], y.shape[2], *x.shape[2:]).to(x.dtype)
 
     return AdapterConv2d
 

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ctrlora_core.blocks import (CrossAttention, Downsample, EmbedSequential, FeedForward, ResBlock,
-                                 SpatialTransformer, Upsample, timestep_embedding)
+from ctrlora_core.blocks import (CrossAttention, EmbedSequential, FeedForward, ResBlock, SpatialTransformer,
+                                 Upsample, spatial_transformer, timestep_embedding, unet_encoder)
 from ctrlora_core.config import ControlNetConfig
 from ctrlora_core.controlnet import CtrLoRAControlNet
 from ctrlora_core.ops import build_ops
@@ -58,23 +58,8 @@ class TinyUNet(nn.Module):
         ops = build_ops()
         mc = config.model_channels
         emb_ch = mc * 4
-        self.time_embed = nn.Sequential(ops.LoRALinear(mc, emb_ch), nn.SiLU(), ops.LoRALinear(emb_ch, emb_ch))
-        self.input_blocks = nn.ModuleList([EmbedSequential(ops.Conv2d(config.in_channels, mc, 3, padding=1))])
-        skip_channels = [mc]
-        ch = mc
-        for level, mult in enumerate(config.channel_mult):
-            for _ in range(config.num_res_blocks[level]):
-                layers: list[nn.Module] = [ResBlock(ops, ch, emb_ch, mult * mc)]
-                ch = mult * mc
-                if config.attention_levels[level]:
-                    layers.append(self._transformer(ops, ch))
-                self.input_blocks.append(EmbedSequential(*layers))
-                skip_channels.append(ch)
-            if level != len(config.channel_mult) - 1:
-                self.input_blocks.append(EmbedSequential(Downsample(ops, ch)))
-                skip_channels.append(ch)
-        self.middle_block = EmbedSequential(
-            ResBlock(ops, ch, emb_ch, ch), self._transformer(ops, ch), ResBlock(ops, ch, emb_ch, ch))
+        self.time_embed, self.input_blocks, self.middle_block, skip_channels = unet_encoder(ops, config)
+        ch = skip_channels[-1]
         self.output_blocks = nn.ModuleList()
         for level in reversed(range(len(config.channel_mult))):
             mult = config.channel_mult[level]
@@ -82,16 +67,11 @@ class TinyUNet(nn.Module):
                 layers = [ResBlock(ops, ch + skip_channels.pop(), emb_ch, mult * mc)]
                 ch = mult * mc
                 if config.attention_levels[level]:
-                    layers.append(self._transformer(ops, ch))
+                    layers.append(spatial_transformer(ops, config, ch))
                 if level and i == config.num_res_blocks[level]:
                     layers.append(Upsample(ops, ch))
                 self.output_blocks.append(EmbedSequential(*layers))
         self.out = nn.Sequential(ops.GroupNorm(32, ch), nn.SiLU(), ops.Conv2d(ch, out_channels, 3, padding=1))
-
-    def _transformer(self, ops, ch: int) -> SpatialTransformer:
-        c = self.config
-        return SpatialTransformer(ops, ch, c.num_heads, ch // c.num_heads, c.transformer_depth,
-                                  c.context_dim, c.use_linear_in_transformer)
 
     def _run(self, function, *args: torch.Tensor) -> torch.Tensor:
         if self.gradient_checkpointing and torch.is_grad_enabled():
