@@ -33,9 +33,11 @@ class CtrLoRAControlNet(nn.Module):
         super().__init__()
         self.config = config
         ops = build_ops(host_ops)
-        self.time_embed, self.input_blocks, self.middle_block, channels = unet_encoder(ops, config)
+        time_embed, input_blocks, middle_block, channels = unet_encoder(ops, config)
+        # registration order = the official state-dict order (parameter order seeds the random test weights)
+        self.time_embed, self.input_blocks = time_embed, input_blocks
         self.zero_convs = nn.ModuleList([self._zero_conv(ops, ch) for ch in channels])
-        self.middle_block_out = self._zero_conv(ops, channels[-1])
+        self.middle_block, self.middle_block_out = middle_block, self._zero_conv(ops, channels[-1])
 
         self.runtime = AdapterRuntime()
         for name, module in self.named_modules():

@@ -74,7 +74,8 @@ def _make_lora_linear(base: type) -> type:
             n, features_in, _ = down_t.shape
             xs = x.reshape(n, -1, features_in).to(down_t.dtype)
             tokens, features_out = xs.shape[1], self.out_features
-            if not torch.is_grad_enabled() and tokens * (features_in + features_out) > features_in * features_out:
+            if (not torch.is_grad_enabled() and xs.dtype == torch.float32
+                    and tokens * (features_in + features_out) > features_in * features_out):
                 return _merged_per_adapter(self, xs, down_t, up_t).reshape(*x.shape[:-1], features_out).to(x.dtype)
             y = super().forward(x)
             delta = torch.bmm(torch.bmm(xs, down_t), up_t)
@@ -89,11 +90,13 @@ def _merged_per_adapter(layer: nn.Linear, xs: torch.Tensor, down_t: torch.Tensor
     The low-rank path costs T*r*(in+out) per adapter on top of the base layer; building the
     merged weight costs r*in*out, so it wins once an adapter has more than in*out/(in+out)
     tokens (most attention layers at sampling resolutions). It needs n*in*out transient
-    memory and is only used without autograd (training keeps the low-rank path's memory).
+    memory and is only used without autograd (training keeps the low-rank path's memory), in
+    float32: with fp16 compute the residuals of a whole (random-weight) network drifted further from
+    float32 than the low-rank path's did, although each layer agreed; not understood yet.
     """
-    weight = layer.weight.to(xs.device, xs.dtype)  # [out, in]; host-cast like the host layer does
-    merged = torch.baddbmm(weight.t().expand(xs.shape[0], -1, -1), down_t, up_t)  # [n, in, out]
-    y = torch.bmm(xs, merged)
+    weight = layer.weight.to(xs.device, torch.float32)  # [out, in]; merged in float32, as weight patches are
+    merged = torch.baddbmm(weight.t().expand(xs.shape[0], -1, -1), down_t.float(), up_t.float())  # [n, in, out]
+    y = torch.bmm(xs, merged.to(xs.dtype))
     if layer.bias is not None:
         y = y + layer.bias.to(y.device, y.dtype)
     return y
