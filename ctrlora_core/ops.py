@@ -94,9 +94,9 @@ def _merged_per_adapter(layer: nn.Linear, xs: torch.Tensor, down_t: torch.Tensor
     float32: with fp16 compute the residuals of a whole (random-weight) network drifted further from
     float32 than the low-rank path's did, although each layer agreed; not understood yet.
     """
-    weight = layer.weight.to(xs.device, torch.float32)  # [out, in]; merged in float32, as weight patches are
-    merged = torch.baddbmm(weight.t().expand(xs.shape[0], -1, -1), down_t.float(), up_t.float())  # [n, in, out]
-    y = torch.bmm(xs, merged.to(xs.dtype))
+    weight = layer.weight.to(xs.device, xs.dtype)  # [out, in]; host-cast like the host layer does
+    merged = torch.baddbmm(weight.t().expand(xs.shape[0], -1, -1), down_t, up_t)  # [n, in, out]
+    y = torch.bmm(xs, merged)
     if layer.bias is not None:
         y = y + layer.bias.to(y.device, y.dtype)
     return y

@@ -177,6 +177,14 @@ def _dental_condition_image(g: Graph, note: Node, *more_inputs: Node) -> Node:
     return blend
 
 
+def _condition(g: Graph, lora: Node, image: Node, weight: float, title: str | None = None) -> Node:
+    """A CtrLoRA Condition node fed by `lora` and the condition `image`."""
+    condition = g.add("CtrLoRACondition", [weight], title=title)
+    g.link(lora, 0, condition, "lora")
+    g.link(image, 0, condition, "image")
+    return condition
+
+
 def _note(g: Graph, text: str) -> Node:
     return g.add("MarkdownNote", [text], color=NOTE_COLOR)
 
@@ -212,9 +220,7 @@ def dental_single_condition() -> dict:
                  "The prompt comes from the jaw and view (or a file name such as `upper_front_0001.png`).")
     condition_image = _dental_condition_image(g, note)
     lora = g.add("CtrLoRALoRALoader", [DENTAL_LORA, 1.0])
-    condition = g.add("CtrLoRACondition", [1.0])
-    g.link(lora, 0, condition, "lora")
-    g.link(condition_image, 0, condition, "image")
+    condition = _condition(g, lora, condition_image, 1.0)
     column(720, lora, condition)
     _prompts_base_apply(g, condition)
     return g.to_json()
@@ -230,13 +236,9 @@ def dental_multi_condition() -> dict:
     depth_image = g.add("LoadImage", ["upper_front_depth.png", "image"], title="Depth map")
     condition_image = _dental_condition_image(g, note, depth_image)
     dental_lora = g.add("CtrLoRALoRALoader", [DENTAL_LORA, 1.0])
-    first = g.add("CtrLoRACondition", [1.0], title="Condition 1: lighting + seg")
-    g.link(dental_lora, 0, first, "lora")
-    g.link(condition_image, 0, first, "image")
+    first = _condition(g, dental_lora, condition_image, 1.0, title="Condition 1: lighting + seg")
     depth_lora = g.add("CtrLoRALoRALoader", [DEPTH_LORA, 1.0])
-    second = g.add("CtrLoRACondition", [0.5], title="Condition 2: depth")
-    g.link(depth_lora, 0, second, "lora")
-    g.link(depth_image, 0, second, "image")
+    second = _condition(g, depth_lora, depth_image, 0.5, title="Condition 2: depth")
     g.link(first, 0, second, "previous")
     column(720, dental_lora, first, depth_lora, second)
     _prompts_base_apply(g, second)
@@ -255,9 +257,7 @@ def lora_blending() -> dict:
     blend = g.add("CtrLoRABlendLoRAs", [0.7, 0.3, 0.5, 0.5, 0, ""])
     g.link(dental_lora, 0, blend, "lora_1")
     g.link(seg_lora, 0, blend, "lora_2")
-    condition = g.add("CtrLoRACondition", [1.0])
-    g.link(blend, 0, condition, "lora")
-    g.link(condition_image, 0, condition, "image")
+    condition = _condition(g, blend, condition_image, 1.0)
     column(720, dental_lora, seg_lora, blend, condition)
     _prompts_base_apply(g, condition)
     return g.to_json()
