@@ -4,7 +4,7 @@
 
 ComfyUI is used as a library (its own loader, CLIP, ControlNet and KSampler code: the
 core node classes and comfy.sample.sample), with the pack imported the way ComfyUI
-imports it. Full-size random-weight models from tests/integration/fake_models.py
+imports it. Full-size random-weight models from testbed/fake_models.py
 (SD1.5 checkpoint, a classic SD1.5 ControlNet, the CtrLoRA base, rank-128 LoRAs).
 
 Cases (memory: each case alone in its own process; step time: all cases in one process,
@@ -31,7 +31,6 @@ controlnet3's; (c) step <= 0.8 x controlnet3's. Writes bench/results/comfy_step_
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -40,8 +39,9 @@ import tempfile
 import time
 
 from bench_device import device_label, results_path
+from testbed import fake_models
+from testbed.comfy_host import import_comfy, load_pack
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = ("txt2img", "controlnet", "ctrlora1", "ctrlora3", "controlnet3")
 PROMPT = "a 3D dental model of upper teeth, front view, dental photography"
 NEGATIVE = "blurry, low quality"
@@ -69,19 +69,11 @@ def reset_peak(device: str) -> None:
 
 
 def setup_comfy(comfy_path: str, device: str):
-    """Import ComfyUI's `nodes` (first on sys.path) and this pack (as ComfyUI imports custom nodes)."""
-    sys.path.insert(0, comfy_path)
-    import comfy.cli_args
+    """ComfyUI's `nodes` module and this pack, imported as ComfyUI imports custom nodes."""
+    import_comfy(comfy_path, cpu=device == "cpu")
+    import nodes as comfy_nodes  # ComfyUI's own
 
-    comfy.cli_args.args.cpu = device == "cpu"
-    import nodes as comfy_nodes
-
-    spec = importlib.util.spec_from_file_location("ComfyUI_CtrLoRA", os.path.join(ROOT, "__init__.py"),
-                                                  submodule_search_locations=[ROOT])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = pack
-    spec.loader.exec_module(pack)
-    return comfy_nodes, pack
+    return comfy_nodes, load_pack()
 
 
 class Session:
@@ -97,9 +89,6 @@ class Session:
         import folder_paths
 
         self.mm, self.sample_fn = mm, comfy.sample
-        sys.path.append(os.path.join(ROOT, "tests"))
-        from integration import fake_models
-
         self.files = fake_models
         cache = fake_models.cache_dir()
         links = tempfile.mkdtemp(prefix="comfy-step-cn-")
@@ -223,11 +212,9 @@ def main() -> None:
         print("RESULT " + json.dumps(measure_time(args.cases, args)))
         return
 
-    sys.path.append(os.path.join(ROOT, "tests"))
-    from integration import fake_models
-
     if fake_models.missing_files(fake_models.cache_dir()):
-        subprocess.run([sys.executable, fake_models.__file__], check=True, env=dict(os.environ, COMFYUI_PATH=args.comfyui))
+        subprocess.run([sys.executable, "-m", "testbed.fake_models"], check=True,
+                       env=dict(os.environ, COMFYUI_PATH=args.comfyui))
     load_before = os.getloadavg()
     results = {case: subprocess_json(["--memory-case", case], args) for case in args.cases}
     timing = subprocess_json(["--timing"], args)

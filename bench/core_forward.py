@@ -21,10 +21,7 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from bench_device import device_label, results_path  # noqa: E402
+from bench_device import device_label, results_path
 
 CASES = ("plain", "single", "multi3", "chained3")
 
@@ -32,8 +29,7 @@ CASES = ("plain", "single", "multi3", "chained3")
 def run_case(case: str, args: argparse.Namespace) -> dict:
     """Time one case in this process; return seconds per step and peak memory in bytes."""
     import torch
-    from ctrlora_core.adapter_stack import AdapterStack
-    from ctrlora_core.adapters import merged_adapter
+    from ctrlora_core.adapters import merged_adapter, stack_adapters
     from ctrlora_core.config import ControlNetConfig
     from ctrlora_core.random_weights import SMALL_CONFIG, random_adapter, random_base
 
@@ -56,10 +52,10 @@ def run_case(case: str, args: argparse.Namespace) -> dict:
             merged.enter_context(merged_adapter(models[0], adapters[0]))
             step = lambda: models[0](hint, t, ctx)  # noqa: E731
         elif case == "single":
-            stack = AdapterStack.build(adapters[:1]).to(device, dtype)
+            stack = stack_adapters(adapters[:1]).to(device, dtype)
             step = lambda: models[0](hint, t, ctx, adapters=stack)  # noqa: E731
         elif case == "multi3":
-            stack = AdapterStack.build(adapters, weights).to(device, dtype)
+            stack = stack_adapters(adapters, weights).to(device, dtype)
             hints = torch.cat([hint] * 3)
             step = lambda: models[0](hints, t, ctx, adapters=stack)  # noqa: E731
         else:  # three base copies, each with its own LoRA merged, one pass each, residuals summed

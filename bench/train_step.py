@@ -34,20 +34,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from ctrlora_core.adapters import CtrLoRAAdapter  # noqa: E402
-from ctrlora_core.config import ControlNetConfig  # noqa: E402
-from ctrlora_core.random_weights import random_base, randomize_  # noqa: E402
-from ctrlora_core.schedule import NoiseSchedule  # noqa: E402
-from train.backbone_tiny import TinyBackbone  # noqa: E402
-from train.dataset import check_dataset, load_pair  # noqa: E402
-from train.latent_cache import cached_latents, cached_prompts  # noqa: E402
-from train.tiny_models import TinyAutoencoder, TinyTextEncoder, TinyUNet  # noqa: E402
-from bench_device import device_label, results_path  # noqa: E402
-from train.train_lora import (AdapterModule, TrainConfig, loss_on, make_batch, pick_device,  # noqa: E402
-                              resolve_precision, slot_generator)
+from bench_device import device_label, results_path
+from ctrlora_core.adapters import CtrLoRAAdapter
+from ctrlora_core.config import ControlNetConfig
+from ctrlora_core.random_weights import random_base, randomize_
+from ctrlora_core.schedule import NoiseSchedule
+from train.backbones.tiny import TinyBackbone
+from train.backbones.tiny_models import TinyAutoencoder, TinyTextEncoder, TinyUNet
+from train.dataset import check_dataset, load_pair
+from train.devices import pick_device, resolve_precision
+from train.latent_cache import cached_latents, cached_prompts
+from train.train_lora import AdapterModule, TrainConfig, loss_on, make_batch, slot_generator
 
 
 
@@ -233,7 +230,7 @@ def main() -> None:
     out.write_text(json.dumps({"device": label, "device_type": device.type, "preset": args.preset, "size": args.size,
                                    "torch": torch.__version__, "runs": runs, "ratios": ratios,
                                    "memory_measure": memory_key, "end_to_end": e2e}, indent=2))
-    print(f"wrote {out.relative_to(ROOT)}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

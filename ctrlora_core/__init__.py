@@ -5,7 +5,7 @@ input is the VAE latent of the condition image) + small per-condition adapters
 (LoRA on every Linear, plus the condition's own zero convs and attention norms).
 
 Nothing in this package imports ComfyUI. Hosts inject their layer classes through
-`ctrlora_core.ops`.
+`ctrlora_core.layers`.
 """
 from .errors import CtrLoRAError, CheckpointError
 

@@ -8,9 +8,10 @@ prefix (spec §2-3):
 - `zero_convs.<i>.0.{weight,bias}` and `middle_block_out.0.{weight,bias}`;
 - `<...>.norm.{weight,bias}` and `<...>.norm{1,2,3}.{weight,bias}` of the spatial transformers.
 
-This module covers what one does with adapters besides running them: creating a fresh
-one for training, checking one against a base, blending several into one, and merging
-one into the base weights (the single-condition fast path).
+This module covers what one does with adapters: creating a fresh one for training,
+checking one against a base, stacking several for one batched forward pass
+(`stack_adapters`), blending several into one, and merging one into the base weights
+(the single-condition fast path).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .adapter_stack import AdapterStack
 from .controlnet import CtrLoRAControlNet
 from .errors import CheckpointError
 
@@ -119,6 +121,45 @@ class CtrLoRAAdapter:
                 raise CheckpointError(
                     f"shape mismatch at {key!r}: the file has {list(got)}, this base expects {list(want)} "
                     "(made for a different base model?)", where)
+
+
+def stack_adapters(adapters: Sequence[CtrLoRAAdapter], weights: Sequence[float] | None = None,
+                   lora_strengths: Sequence[float] | None = None) -> AdapterStack:
+    """Stack `adapters` for one batched pass; `weights` and `lora_strengths` default to 1.0 each.
+
+    Ranks are zero-padded to the largest one (exact); each strength is folded into its `up`.
+    """
+    if not adapters:
+        raise ValueError("stack_adapters needs at least one adapter")
+    n = len(adapters)
+    weights = [1.0] * n if weights is None else list(weights)
+    strengths = [1.0] * n if lora_strengths is None else list(lora_strengths)
+    if len(weights) != n or len(strengths) != n:
+        raise ValueError(f"{n} adapters but {len(weights)} weights and {len(strengths)} strengths")
+    first = adapters[0]
+    for other in adapters[1:]:
+        if other.layout_signature() != first.layout_signature():
+            raise ValueError(
+                f"adapters {first.name!r} and {other.name!r} do not fit the same base model "
+                "(different layers or shapes)")
+    rank = max(a.rank for a in adapters)
+    lora = {}
+    for linear in first.lora_modules():
+        downs, ups = [], []
+        for adapter, s in zip(adapters, strengths):
+            down, up = adapter.lora_pair(linear)  # [r, in], [out, r]
+            pad = rank - down.shape[0]
+            if pad:
+                down = torch.cat([down, down.new_zeros(pad, down.shape[1])], 0)
+                up = torch.cat([up, up.new_zeros(up.shape[0], pad)], 1)
+            downs.append(down.t())
+            ups.append(up.t() * s)
+        lora[linear] = (torch.stack(downs), torch.stack(ups))
+    sets = {}
+    for module in first.set_modules():
+        pairs = [adapter.set_pair(module) for adapter in adapters]
+        sets[module] = (torch.stack([w for w, _ in pairs]), torch.stack([b for _, b in pairs]))
+    return AdapterStack(lora=lora, sets=sets, weights=torch.tensor(weights, dtype=torch.float32))
 
 
 def expected_adapter_shapes(model: CtrLoRAControlNet, rank: int | None) -> dict[str, tuple]:

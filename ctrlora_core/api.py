@@ -15,8 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .adapter_stack import AdapterStack
-from .adapters import CtrLoRAAdapter
+from .adapters import CtrLoRAAdapter, stack_adapters
 from .controlnet import CtrLoRAControlNet
 from .formats import load_adapter, load_base
 
@@ -64,7 +63,7 @@ def control_residuals(
         if len(hint_list) != len(lora_paths):
             raise ValueError(f"{len(lora_paths)} LoRA files but {len(hint_list)} hints: give one hint per LoRA")
         adapters: list[CtrLoRAAdapter] = [load_adapter(p, model) for p in lora_paths]
-        stack = AdapterStack.build(adapters, lora_weights)
+        stack = stack_adapters(adapters, lora_weights)
         hint = torch.cat(hint_list, 0)
     else:
         if len(hint_list) != 1:

@@ -2,7 +2,7 @@
 
 Submodule names follow the LDM state-dict layout (`in_layers.0`, `emb_layers.1`,
 `transformer_blocks.0.attn1.to_q`, `ff.net.0.proj`, ...), so official weights load with
-no renaming. Every learnable layer comes from an `ops` namespace (see `ops.build_ops`),
+no renaming. Every learnable layer comes from an `ops` namespace (see `layers.build_ops`),
 and attention uses `torch.nn.functional.scaled_dot_product_attention`.
 """
 from __future__ import annotations

@@ -92,27 +92,6 @@ def load_image(path: str | Path) -> np.ndarray:
         raise ConditionError(f"{path}: cannot read image ({err})") from err
 
 
-def image_to_tensor(image: np.ndarray, layout: Layout = "BHWC") -> torch.Tensor:
-    """Numpy HWC or BHWC image (uint8, or float in [0, 1]) -> float32 4-D tensor in [0, 1].
-
-    `layout` picks the output layout: "BHWC" (ComfyUI IMAGE) or "BCHW" (torch
-    convolution input). A missing batch dimension is added.
-    """
-    _check_layout(layout)
-    if image.ndim not in (3, 4):
-        raise ConditionError(f"image: expected HWC or BHWC, got shape {tuple(image.shape)}")
-    if image.dtype == np.uint8:
-        tensor = torch.from_numpy(image.astype(np.float32) / 255.0)
-    elif np.issubdtype(image.dtype, np.floating):
-        check_unit_range(image, "image")
-        tensor = torch.from_numpy(image.astype(np.float32))
-    else:
-        raise ConditionError(f"image: expected uint8 or float dtype, got {image.dtype}")
-    if tensor.ndim == 3:
-        tensor = tensor.unsqueeze(0)
-    return tensor.permute(0, 3, 1, 2).contiguous() if layout == "BCHW" else tensor
-
-
 def tensor_to_image(tensor: torch.Tensor, layout: Layout = "BHWC") -> np.ndarray:
     """Float 4-D tensor in [0, 1] with the given layout -> uint8 numpy BHWC (rounded).
 

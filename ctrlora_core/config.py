@@ -17,6 +17,8 @@ from .errors import CheckpointError
 
 SD15_NUM_HEADS = 8
 
+ShapeLike = torch.Tensor | tuple[int, ...]  # a tensor, or just its shape (from a file header)
+
 
 @dataclass(frozen=True)
 class ControlNetConfig:
@@ -43,21 +45,17 @@ class ControlNetConfig:
             if ch % self.num_heads:
                 raise ValueError(f"channel width {ch} is not divisible by num_heads={self.num_heads}")
 
-    @property
-    def num_residuals(self) -> int:
-        """Zero-conv outputs (one per input block) plus the middle block output."""
-        return 1 + sum(self.num_res_blocks) + (len(self.channel_mult) - 1) + 1
-
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def _shape(sd: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
-    return tuple(sd[key].shape)
+def _shape(sd: Mapping[str, ShapeLike], key: str) -> tuple[int, ...]:
+    value = sd[key]
+    return tuple(value.shape if isinstance(value, torch.Tensor) else value)
 
 
-def infer_config(sd: Mapping[str, torch.Tensor], num_heads: int = SD15_NUM_HEADS) -> ControlNetConfig:
-    """Infer the trunk config from an (un-prefixed) Base ControlNet state dict.
+def infer_config(sd: Mapping[str, ShapeLike], num_heads: int = SD15_NUM_HEADS) -> ControlNetConfig:
+    """Infer the trunk config from an (un-prefixed) Base ControlNet state dict or its key -> shape table.
 
     Raises CheckpointError naming the missing or inconsistent key.
     """
@@ -89,10 +87,10 @@ def infer_config(sd: Mapping[str, torch.Tensor], num_heads: int = SD15_NUM_HEADS
             depth = len({m.group(1) for k in sd
                          if (m := re.match(rf"input_blocks\.{i}\.1\.transformer_blocks\.(\d+)\.", k))})
             depths.add(depth)
-            proj = sd.get(f"input_blocks.{i}.1.proj_in.weight")
-            if proj is None:
+            proj = f"input_blocks.{i}.1.proj_in.weight"
+            if proj not in sd:
                 raise CheckpointError(f"input block {i} has attention but no proj_in weight")
-            use_linear = proj.dim() == 2
+            use_linear = len(_shape(sd, proj)) == 2
 
     channel_mult = []
     for level, chans in enumerate(levels):

@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from .adapter_stack import AdapterStack
 from .blocks import EmbedSequential, timestep_embedding, unet_encoder
 from .config import ControlNetConfig
-from .ops import AdapterRuntime, build_ops
+from .layers import AdapterRuntime, build_ops
 
 
 class CtrLoRAControlNet(nn.Module):

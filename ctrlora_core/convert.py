@@ -12,9 +12,8 @@ import argparse
 import os
 import sys
 
-
 from .errors import CheckpointError
-from .formats import atomic_save_safetensors, classify, read_tensors
+from .formats import read_tensors, save_safetensors, scan_file
 
 
 def convert(src: str, dst: str, fp16: bool = False, force: bool = False) -> str:
@@ -23,13 +22,12 @@ def convert(src: str, dst: str, fp16: bool = False, force: bool = False) -> str:
         raise CheckpointError("output must end in .safetensors", dst)
     if os.path.exists(dst) and not force:
         raise CheckpointError("output exists; pass --force to overwrite", dst)
-    tensors, metadata = read_tensors(src)
-    kind, _, _ = classify(tensors)
+    summary = scan_file(src)
+    tensors = read_tensors(src)
     if fp16:
         tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
-    metadata = dict(metadata, converted_from=os.path.basename(src))
-    atomic_save_safetensors(tensors, dst, metadata)
-    return kind.value
+    save_safetensors(tensors, dst, dict(summary.metadata, converted_from=os.path.basename(src)))
+    return summary.kind.value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,10 @@ Reading never executes pickled code: `.safetensors` through safetensors, pickles
 through `torch.load(..., weights_only=True)`. Every problem raises `CheckpointError`
 naming the file and what was expected.
 
-File kinds are recognised from the keys (after unwrapping a `state_dict` wrapper):
+A file's kind is decided from its key names before any tensor data is read
+(`scan_file`): the JSON header of a .safetensors file, the key table of a pickle opened
+with `mmap=True` (tensor data stays on disk until touched). A wrong file is refused
+at the cost of its header, and a right one reads only the tensors it needs. Kinds:
 
 - CtrLoRA base: a ControlNet trunk whose first conv takes the 4-channel latent, no hint
   block (official files also carry leftover `lora_layer` tensors, ignored for the base);
@@ -16,23 +19,21 @@ A full training checkpoint (SD + `control_model.` keys) is accepted: its control
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import pickle
-import tempfile
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from .adapters import LORA_DOWN, CtrLoRAAdapter, is_adapter_key
 from .config import SD15_NUM_HEADS, infer_config
 from .controlnet import CtrLoRAControlNet
 from .errors import CheckpointError
+from .files import atomic_write, read_safetensors_header
 
 CONTROL_PREFIX = "control_model."
 SD_UNET_PREFIX = "model.diffusion_model."
@@ -52,22 +53,27 @@ class FileKind(str, Enum):
 
 
 @dataclass
-class LoadedFile:
-    """The tensors of a model file, its kind and what was noticed while reading it."""
+class FileSummary:
+    """What a model file holds, known from its header or key table alone."""
 
     path: str
     kind: FileKind
-    tensors: dict[str, torch.Tensor]  # un-prefixed control keys for CtrLoRA kinds, raw keys otherwise
+    shapes: dict[str, tuple[int, ...]]  # un-prefixed control keys for CtrLoRA kinds, raw keys otherwise
     metadata: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    prefix: str = ""  # what the file's keys carry before the keys in `shapes`
 
 
-def read_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read a flat name->tensor dict and the safetensors metadata (empty for pickles).
+@dataclass
+class LoadedFile:
+    """The tensors of a model file of a known kind (keys as in its FileSummary)."""
 
-    Unwraps a `state_dict` wrapper. Refuses pickles that need code to load.
-    """
-    path = os.fspath(path)
+    summary: FileSummary
+    tensors: dict[str, torch.Tensor]
+
+
+def _check_path(path: str) -> str:
+    """The lower-case extension of an existing, non-empty regular file; raises otherwise."""
     if not os.path.exists(path):
         raise CheckpointError("file does not exist", path)
     if not os.path.isfile(path):
@@ -75,34 +81,25 @@ def read_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     if os.path.getsize(path) == 0:
         raise CheckpointError("file is empty (0 bytes)", path)
     ext = os.path.splitext(path)[1].lower()
-    if ext in SAFETENSORS_EXTENSIONS:
-        tensors, metadata = _read_safetensors(path)
-    elif ext in PICKLE_EXTENSIONS:
-        tensors, metadata = _read_pickle(path), {}
-    else:
+    if ext not in SAFETENSORS_EXTENSIONS + PICKLE_EXTENSIONS:
         raise CheckpointError(
             f"unsupported extension {ext!r}; expected one of {SAFETENSORS_EXTENSIONS + PICKLE_EXTENSIONS}", path)
-    if not tensors:
-        raise CheckpointError("contains no tensors", path)
-    return tensors, metadata
+    return ext
 
 
-def _read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _open_pickle(path: str) -> Mapping[str, Any]:
+    """The flat key -> value dict of a pickle (a `state_dict` wrapper unwrapped), memory-mapped when possible.
+
+    Files written by torch.save's zip format (every torch since 1.6) are mapped: tensor data
+    is read from disk only when a tensor is used. Older files are read whole.
+    """
     try:
-        with open(path, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(header_len)) if 0 < header_len < 100_000_000 else None
-        if not isinstance(header, dict):
-            raise ValueError("bad header")
-        tensors = load_file(path)
-    except (SafetensorError, ValueError, OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"not a readable safetensors file (truncated or corrupt?): {e}", path) from None
-    return tensors, dict(header.get("__metadata__") or {})
-
-
-def _read_pickle(path: str) -> dict[str, torch.Tensor]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
@@ -117,45 +114,80 @@ def _read_pickle(path: str) -> dict[str, torch.Tensor]:
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"expected only tensors, but {len(bad)} entries are not, e.g. {bad[:3]}", path)
-    return dict(obj)
+    return obj
 
 
-def classify(tensors: Mapping[str, torch.Tensor]) -> tuple[FileKind, dict[str, torch.Tensor], list[str]]:
-    """Return (kind, control tensors without prefix, notes) for a raw key->tensor dict."""
+def _raw_shapes(path: str, ext: str) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    if ext in SAFETENSORS_EXTENSIONS:
+        header, metadata = read_safetensors_header(path)
+        return {k: tuple(v["shape"]) for k, v in header.items()}, metadata
+    return {k: tuple(v.shape) for k, v in _open_pickle(path).items()}, {}
+
+
+def classify(keys: Iterable[str]) -> tuple[FileKind, str, list[str]]:
+    """(kind, key prefix of the relevant part, notes) from a file's raw key names."""
+    keys = list(keys)
     notes: list[str] = []
-    control = {k[len(CONTROL_PREFIX):]: v for k, v in tensors.items() if k.startswith(CONTROL_PREFIX)}
+    control = [k[len(CONTROL_PREFIX):] for k in keys if k.startswith(CONTROL_PREFIX)]
+    prefix = CONTROL_PREFIX if control else ""
     if control:
-        if len(control) < len(tensors):
+        if len(control) < len(keys):
             notes.append(f"full checkpoint: using its {len(control)} control_model tensors, "
-                         f"ignoring {len(tensors) - len(control)} others")
-    elif any(k.startswith(SD_UNET_PREFIX) for k in tensors):
-        return FileKind.SD_CHECKPOINT, {}, notes
+                         f"ignoring {len(keys) - len(control)} others")
+    elif any(k.startswith(SD_UNET_PREFIX) for k in keys):
+        return FileKind.SD_CHECKPOINT, "", notes
     else:
-        control = dict(tensors)
-    keys = control.keys()
-    if any(k.startswith(("lora_unet_", "lora_te")) or ".lora_down." in k or ".lora.down." in k for k in keys):
-        return FileKind.SD_LORA, control, notes
-    if any(k.startswith("input_hint_block.") for k in keys):
-        return FileKind.CONTROLNET, control, notes
-    if any(k.startswith("output_blocks.") for k in keys):
-        return FileKind.SD_CHECKPOINT, control, notes
+        control = keys
+    if any(k.startswith(("lora_unet_", "lora_te")) or ".lora_down." in k or ".lora.down." in k for k in control):
+        return FileKind.SD_LORA, prefix, notes
+    if any(k.startswith("input_hint_block.") for k in control):
+        return FileKind.CONTROLNET, prefix, notes
+    if any(k.startswith("output_blocks.") for k in control):
+        return FileKind.SD_CHECKPOINT, prefix, notes
     if "input_blocks.0.0.weight" in control:
-        return FileKind.CTRLORA_BASE, control, notes
-    if any(k.endswith(LORA_DOWN) for k in keys) and all(is_adapter_key(k) for k in keys):
-        return FileKind.CTRLORA_LORA, control, notes
-    return FileKind.UNKNOWN, control, notes
+        return FileKind.CTRLORA_BASE, prefix, notes
+    if any(k.endswith(LORA_DOWN) for k in control) and all(is_adapter_key(k) for k in control):
+        return FileKind.CTRLORA_LORA, prefix, notes
+    return FileKind.UNKNOWN, prefix, notes
+
+
+def scan_file(path: str | os.PathLike) -> FileSummary:
+    """Kind, shapes and metadata of a model file, without reading tensor data."""
+    path = os.fspath(path)
+    shapes, metadata = _raw_shapes(path, _check_path(path))
+    if not shapes:
+        raise CheckpointError("contains no tensors", path)
+    kind, prefix, notes = classify(shapes)
+    relevant = {k[len(prefix):]: s for k, s in shapes.items() if k.startswith(prefix)}
+    return FileSummary(path, kind, relevant, metadata, notes, prefix)
+
+
+def read_tensors(path: str | os.PathLike, keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """The raw tensors of a model file (only `keys` when given), as independent CPU tensors."""
+    path = os.fspath(path)
+    ext = _check_path(path)
+    try:
+        if ext in SAFETENSORS_EXTENSIONS:
+            with safe_open(path, framework="pt") as f:
+                return {k: f.get_tensor(k) for k in (f.keys() if keys is None else keys)}
+        stored = _open_pickle(path)
+        # clone: a tensor that stays a view of the memory map would keep the file mapped
+        return {k: stored[k].clone() for k in (stored if keys is None else keys)}
+    except (SafetensorError, OSError, KeyError) as e:
+        raise CheckpointError(f"not a readable model file (truncated or corrupt?): {e}", path) from None
 
 
 def load_file_of_kind(path: str | os.PathLike, expected: FileKind) -> LoadedFile:
-    """Read `path` and refuse it unless it is of the `expected` kind."""
-    tensors, metadata = read_tensors(path)
-    kind, control, notes = classify(tensors)
-    if kind != expected:
-        sample = ", ".join(list(tensors)[:3])
-        raise CheckpointError(f"this is a {kind.value} file, but a {expected.value} was expected "
-                              f"(first keys: {sample})", os.fspath(path))
-    _check_values(control, os.fspath(path))
-    return LoadedFile(os.fspath(path), kind, control, metadata, notes)
+    """Refuse `path` (from its header) unless it is of the `expected` kind, then read its relevant tensors."""
+    summary = scan_file(path)
+    if summary.kind != expected:
+        sample = ", ".join(summary.prefix + k for k in list(summary.shapes)[:3])
+        raise CheckpointError(f"this is a {summary.kind.value} file, but a {expected.value} was expected "
+                              f"(first keys: {sample})", summary.path)
+    raw = read_tensors(summary.path, [summary.prefix + k for k in summary.shapes])
+    tensors = {k[len(summary.prefix):]: v for k, v in raw.items()}
+    _check_values(tensors, summary.path)
+    return LoadedFile(summary, tensors)
 
 
 def _check_values(tensors: Mapping[str, torch.Tensor], path: str) -> None:
@@ -170,74 +202,59 @@ def load_base(path: str | os.PathLike, host_ops: Any = None, num_heads: int = SD
               dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> CtrLoRAControlNet:
     """Load a CtrLoRA Base ControlNet; leftover LoRA tensors in the file are ignored.
 
-    The architecture is inferred from the weights. If the file has no zero convs or norms
-    (they normally ship with it), the missing ones are reported as an error.
+    The architecture is inferred from the shapes in the header, and the file is refused
+    before its tensors are read when they do not fit it.
     """
-    loaded = load_file_of_kind(path, FileKind.CTRLORA_BASE)
-    trunk = {k: v for k, v in loaded.tensors.items() if "lora_layer" not in k}
-    in_ch = trunk["input_blocks.0.0.weight"].shape[1]
+    summary = scan_file(path)
+    if summary.kind != FileKind.CTRLORA_BASE:
+        load_file_of_kind(summary.path, FileKind.CTRLORA_BASE)  # raises with the kind found
+    trunk_shapes = {k: s for k, s in summary.shapes.items() if "lora_layer" not in k}
+    in_ch = trunk_shapes["input_blocks.0.0.weight"][1]
     if in_ch != 4:
         raise CheckpointError(f"first conv takes {in_ch} channels; a CtrLoRA base takes the 4-channel "
-                              "VAE latent of the condition", loaded.path)
-    config = infer_config(trunk, num_heads=num_heads)
+                              "VAE latent of the condition", summary.path)
+    config = infer_config(trunk_shapes, num_heads=num_heads)
     with torch.device("meta"):
         model = CtrLoRAControlNet(config, host_ops)
-    expected = model.state_dict().keys()
-    missing = sorted(set(expected) - set(trunk))
-    unexpected = sorted(set(trunk) - set(expected))
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(trunk_shapes))
+    unexpected = sorted(set(trunk_shapes) - set(expected))
     if missing or unexpected:
         raise CheckpointError(
             f"does not match the inferred architecture: {len(missing)} missing keys {missing[:3]}, "
-            f"{len(unexpected)} unexpected keys {unexpected[:3]}", loaded.path)
-    shapes = {k: v.shape for k, v in model.state_dict().items()}
-    for key, value in trunk.items():
-        if value.shape != shapes[key]:
-            raise CheckpointError(f"shape mismatch at {key!r}: file {list(value.shape)}, "
-                                  f"architecture {list(shapes[key])}", loaded.path)
+            f"{len(unexpected)} unexpected keys {unexpected[:3]}", summary.path)
+    for key, shape in trunk_shapes.items():
+        if shape != expected[key]:
+            raise CheckpointError(f"shape mismatch at {key!r}: file {list(shape)}, "
+                                  f"architecture {list(expected[key])}", summary.path)
+    raw = read_tensors(summary.path, [summary.prefix + k for k in trunk_shapes])
+    trunk = {k[len(summary.prefix):]: v for k, v in raw.items()}
+    _check_values(trunk, summary.path)
     model.load_state_dict({k: v.to(device, dtype) for k, v in trunk.items()}, assign=True)
     model.eval().requires_grad_(False)
-    model.source_path = loaded.path
+    model.source_path = summary.path
     return model
 
 
 def load_adapter(path: str | os.PathLike, model: CtrLoRAControlNet | None = None) -> CtrLoRAAdapter:
     """Load a CtrLoRA condition LoRA (official or ours); checked against `model` when given."""
     loaded = load_file_of_kind(path, FileKind.CTRLORA_LORA)
-    name = os.path.splitext(os.path.basename(loaded.path))[0]
+    name = os.path.splitext(os.path.basename(loaded.summary.path))[0]
     adapter = CtrLoRAAdapter({k: v.float() for k, v in loaded.tensors.items()}, name=name,
-                             metadata=loaded.metadata)
+                             metadata=loaded.summary.metadata)
     if model is not None:
-        adapter.check_against(model, loaded.path)
+        adapter.check_against(model, loaded.summary.path)
     else:
         adapter.rank  # noqa: B018  (raises on mixed ranks)
     return adapter
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
-                            metadata: Mapping[str, str] | None = None) -> None:
-    """Write a safetensors file via a temp file in the same folder + rename (never half-written)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
-                  metadata={k: str(v) for k, v in (metadata or {}).items()})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: Mapping[str, Any] | None = None) -> None:
+    """Write a .safetensors file atomically (CPU, contiguous copies; metadata values as strings)."""
+    plain = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {k: str(v) for k, v in (metadata or {}).items()}
+    atomic_write(path, lambda tmp: save_file(plain, tmp, metadata=meta))
 
 
 def save_adapter(adapter: CtrLoRAAdapter, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> None:
@@ -249,4 +266,4 @@ def save_adapter(adapter: CtrLoRAAdapter, path: str | os.PathLike, metadata: Map
     meta = dict(adapter.metadata)
     meta.update({k: str(v) for k, v in (metadata or {}).items() if v is not None})
     meta.update(format=FORMAT_NAME, format_version=FORMAT_VERSION, rank=str(adapter.rank))
-    atomic_save_safetensors({CONTROL_PREFIX + k: v.float() for k, v in adapter.tensors.items()}, path, meta)
+    save_safetensors({CONTROL_PREFIX + k: v.float() for k, v in adapter.tensors.items()}, path, meta)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 import string
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import NamedTuple
 
 from .errors import CtrLoRAError
 
@@ -87,24 +87,6 @@ class PromptTemplate:
         """Prompt for an image file name (see parse_dental_name)."""
         tags = parse_dental_name(name)
         return self.render(tags.jaw, tags.view)
-
-
-def prompts_for_files(
-    names: Iterable[str], template: PromptTemplate | None = None
-) -> tuple[dict[str, str], list[str]]:
-    """Prompt per file name, plus every name that does not parse (in input order).
-
-    `template` defaults to PromptTemplate(DEFAULT_TEMPLATE).
-    """
-    template = template or PromptTemplate()
-    prompts: dict[str, str] = {}
-    bad_names: list[str] = []
-    for name in names:
-        try:
-            prompts[name] = template.for_file(name)
-        except PromptError:
-            bad_names.append(name)
-    return prompts, bad_names
 
 
 def read_sidecar_prompt(image_path: str | Path) -> str | None:

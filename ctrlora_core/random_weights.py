@@ -15,7 +15,7 @@ import torch
 from .adapters import CtrLoRAAdapter
 from .config import ControlNetConfig
 from .controlnet import CtrLoRAControlNet
-from .formats import CONTROL_PREFIX, atomic_save_safetensors, save_adapter
+from .formats import CONTROL_PREFIX, save_adapter, save_safetensors
 
 SMALL_CONFIG = ControlNetConfig(model_channels=64, channel_mult=(1, 1, 1, 1), context_dim=32)
 
@@ -61,7 +61,7 @@ def save_random_base(path: str | os.PathLike, model: CtrLoRAControlNet, leftover
     tensors = {CONTROL_PREFIX + k: v for k, v in model.state_dict().items()}
     leftover = random_adapter(model, leftover_lora_rank, seed)
     tensors.update({CONTROL_PREFIX + k: v for k, v in leftover.tensors.items() if "lora_layer" in k})
-    atomic_save_safetensors(tensors, path)
+    save_safetensors(tensors, path)
 
 
 def write_random_files(folder: str | os.PathLike, config: ControlNetConfig = SMALL_CONFIG, rank: int = 8,

@@ -1,22 +1,15 @@
 """ComfyUI nodes of the pack (V1 node API, so old and new ComfyUI load them).
 
-Importing this package needs no ComfyUI: `comfy.*` is imported only inside node
-functions (and by `base_model` / `ctrlora_control`, which those functions import).
-Inside ComfyUI the pack is imported as a package named after its folder, which does
-not put the pack's folder on sys.path; it is appended here so `ctrlora_core` (shared
-with the trainer and scripts) imports as a top-level package.
+ComfyUI imports the pack as a package named after its folder, so this is `<pack>.nodes`
+and never meets ComfyUI's own top-level `nodes` module; every import of the pack's code
+is relative (`..ctrlora_core`). Importing this package needs no ComfyUI: `comfy.*` is
+imported only inside node functions (and by `base_model` / `ctrlora_control`, which
+those functions import).
 """
-import os
-import sys
-
-_PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _PACK_ROOT not in sys.path:
-    sys.path.append(_PACK_ROOT)
-
-from .apply import CtrLoRAApply, CtrLoRACondition  # noqa: E402
-from .dental import CtrLoRABlendLightingSeg, CtrLoRADentalPrompt  # noqa: E402
-from .loaders import CtrLoRABaseLoader, CtrLoRABlendLoRAs, CtrLoRALoRALoader  # noqa: E402
-from .model_files import register_folder  # noqa: E402
+from .apply import CtrLoRAApply, CtrLoRACondition
+from .dental import CtrLoRABlendLightingSeg, CtrLoRADentalPrompt
+from .loaders import CtrLoRABaseLoader, CtrLoRABlendLoRAs, CtrLoRALoRALoader
+from .model_files import register_folder
 
 NODE_CLASS_MAPPINGS = {
     "CtrLoRABaseLoader": CtrLoRABaseLoader,

@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 
-from ctrlora_core.conditions import check_unit_range
+from ..ctrlora_core.conditions import check_unit_range
 
 from .block_weights import BLOCK_WEIGHTINGS
 from .handles import BASE_TYPE, CONDITIONS_TYPE, LORA_TYPE, Condition, LoRAHandle

@@ -33,8 +33,9 @@ import torch
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.ops
-from ctrlora_core.controlnet import CtrLoRAControlNet
-from ctrlora_core.formats import load_base
+from ..ctrlora_core.controlnet import CtrLoRAControlNet
+from ..ctrlora_core.files import file_stamp
+from ..ctrlora_core.formats import load_base
 
 # Dtypes ComfyUI may pick for the base (as for the SD1.5 UNet).
 SUPPORTED_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -109,8 +110,7 @@ _handles: "weakref.WeakValueDictionary[tuple, BaseHandle]" = weakref.WeakValueDi
 
 def load_base_handle(path: str, dtype: torch.dtype | None = None) -> BaseHandle:
     """The shared handle of the base file at `path` (loaded on first use, in ComfyUI's dtype unless given)."""
-    stat = os.stat(path)
-    key = (os.path.realpath(path), stat.st_size, stat.st_mtime, dtype)
+    key = (*file_stamp(path), dtype)
     handle = _handles.get(key)
     if handle is None:
         load_device = mm.get_torch_device()

@@ -30,7 +30,8 @@ import comfy.controlnet
 import comfy.latent_formats
 import comfy.model_management as mm
 import comfy.utils
-from ctrlora_core.adapter_stack import AdapterStack
+from ..ctrlora_core.adapter_stack import AdapterStack
+from ..ctrlora_core.adapters import stack_adapters
 
 from .base_model import BaseHandle
 from .block_weights import BLOCK_WEIGHTINGS, block_multipliers
@@ -99,7 +100,7 @@ class CtrLoRAControl(comfy.controlnet.ControlBase):
             adapter = condition.lora.load()
             adapter.check_against(base.module, condition.lora.path or condition.lora.name)
             adapters.append(adapter)
-        stack = AdapterStack.build(adapters, [c.weight for c in conditions], [c.lora.strength for c in conditions])
+        stack = stack_adapters(adapters, [c.weight for c in conditions], [c.lora.strength for c in conditions])
         single = conditions[0].lora
         merge_key = (single.identity, single.strength) if len(conditions) == 1 and LoRAAdapter else None
         control = cls(base, [c.image for c in conditions], stack, merge_key, vae, block_weighting)

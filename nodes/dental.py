@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from ctrlora_core.conditions import BLEND_MODES, blend_lighting_seg
-from ctrlora_core.prompts import DEFAULT_TEMPLATE, JAWS, VIEWS, PromptTemplate
+from ..ctrlora_core.conditions import BLEND_MODES, blend_lighting_seg
+from ..ctrlora_core.prompts import DEFAULT_TEMPLATE, JAWS, VIEWS, PromptTemplate
 
 CATEGORY = "CtrLoRA"
 

@@ -9,15 +9,15 @@
 """
 from __future__ import annotations
 
-import os
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Hashable
 
 import torch
 
-from ctrlora_core.adapters import CtrLoRAAdapter
-from ctrlora_core.formats import load_adapter
+from ..ctrlora_core.adapters import CtrLoRAAdapter
+from ..ctrlora_core.files import file_stamp
+from ..ctrlora_core.formats import load_adapter
 
 LORA_TYPE = "CTRLORA_LORA"
 CONDITIONS_TYPE = "CTRLORA_CONDITIONS"
@@ -39,9 +39,8 @@ class LoRAHandle:
     def from_file(cls, path: str, strength: float) -> "LoRAHandle":
         """Read and check the file now (kind, values, ranks); keep only what identifies it."""
         adapter = load_adapter(path)
-        stat = os.stat(path)
         info = {**adapter.metadata, "rank": adapter.rank, "tensors": len(adapter.tensors)}
-        return cls(adapter.name, strength, (os.path.realpath(path), stat.st_size, stat.st_mtime), info, path=path)
+        return cls(adapter.name, strength, file_stamp(path), info, path=path)
 
     @classmethod
     def in_memory(cls, adapter: CtrLoRAAdapter, info: dict[str, Any]) -> "LoRAHandle":

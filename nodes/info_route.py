@@ -2,7 +2,7 @@
 
     GET /ctrlora/info?folder=ctrlora&file=NAME   (also under /api/...)
 
-answers the JSON of `ctrlora_core.inspect.describe(path, read_pickles=False)`: kind,
+answers the JSON of `ctrlora_core.describe.describe(path, read_pickles=False)`: kind,
 rank, parameter count and the file's metadata (condition, prompt template, training
 steps, resolution). Only the safetensors header is read; a pickle (.ckpt) is never
 opened, it is reported as an official checkpoint.
@@ -18,8 +18,8 @@ from __future__ import annotations
 import os
 from typing import Any, Protocol
 
-from ctrlora_core.errors import CheckpointError
-from ctrlora_core.inspect import describe
+from ..ctrlora_core.describe import describe
+from ..ctrlora_core.errors import CheckpointError
 
 from .model_files import CONTROLNET_FOLDER, FOLDER, MODEL_EXTENSIONS
 

@@ -1,11 +1,11 @@
 """Nodes that load and combine model files: Load CtrLoRA Base ControlNet, Load CtrLoRA LoRA, Blend CtrLoRA LoRAs."""
 from __future__ import annotations
 
-import os
 from typing import Any
 
-from ctrlora_core.adapters import LORA_UP, CtrLoRAAdapter, blend_adapters
-from ctrlora_core.formats import FileKind, save_adapter
+from ..ctrlora_core.adapters import LORA_UP, CtrLoRAAdapter, blend_adapters
+from ..ctrlora_core.files import file_stamp
+from ..ctrlora_core.formats import FileKind, save_adapter
 
 from . import model_files
 from .handles import BASE_TYPE, LORA_TYPE, LoRAHandle
@@ -23,10 +23,9 @@ def _choices(kind: FileKind) -> list[str]:
 def _file_stamp(name: str) -> str:
     """Changes when the picked file changes on disk, so ComfyUI reloads a retrained LoRA."""
     try:
-        stat = os.stat(model_files.resolve(name))
+        return str(file_stamp(model_files.resolve(name)))
     except (OSError, ValueError):
         return name
-    return f"{name}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
 class CtrLoRABaseLoader:

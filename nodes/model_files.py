@@ -24,15 +24,16 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ctrlora_core.errors import CheckpointError
-from ctrlora_core.formats import PICKLE_EXTENSIONS, SAFETENSORS_EXTENSIONS, FileKind
-from ctrlora_core.inspect import describe
+from ..ctrlora_core.describe import describe
+from ..ctrlora_core.errors import CheckpointError
+from ..ctrlora_core.files import file_stamp
+from ..ctrlora_core.formats import PICKLE_EXTENSIONS, SAFETENSORS_EXTENSIONS, FileKind
 
 FOLDER = "ctrlora"
 CONTROLNET_FOLDER = "controlnet"
 MODEL_EXTENSIONS = set(SAFETENSORS_EXTENSIONS + PICKLE_EXTENSIONS)
 
-_kind_cache: dict[tuple[str, int, float], str | None] = {}
+_kind_cache: dict[tuple[str, int, int], str | None] = {}
 
 
 def _folder_paths() -> Any:
@@ -56,8 +57,7 @@ def register_folder(folder_paths: Any = None) -> None:
 
 def _header_kind(path: str) -> str | None:
     """Kind (FileKind value) of a .safetensors file from its header, None when unreadable; cached."""
-    stat = os.stat(path)
-    key = (path, stat.st_size, stat.st_mtime)
+    key = file_stamp(path)
     if key not in _kind_cache:
         try:
             _kind_cache[key] = describe(path)["kind"]

@@ -1,7 +1,9 @@
-"""Shared pytest setup: make the repository root importable as in ComfyUI's custom_nodes."""
-import os
-import sys
+"""Shared pytest setup: the pack is imported the way ComfyUI imports a custom node folder.
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+Its modules are then importable as `ComfyUI_CtrLoRA.nodes.loaders`, `ComfyUI_CtrLoRA.ctrlora_core...`
+(see testbed/comfy_host.py). The library, trainer, demo and test bed are installed by name
+(`make venv` runs `pip install -e .`), so tests import them as `ctrlora_core`, `train`, ...
+"""
+from testbed.comfy_host import load_pack
+
+load_pack()

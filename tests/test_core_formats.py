@@ -8,11 +8,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ctrlora_core import convert as convert_cli
-from ctrlora_core import inspect as inspect_cli
+from ctrlora_core import describe as describe_cli
 from ctrlora_core.adapters import CtrLoRAAdapter
 from ctrlora_core.errors import CheckpointError
 from ctrlora_core.formats import (
-    FileKind, classify, load_adapter, load_base, read_tensors, save_adapter)
+    FileKind, classify, load_adapter, load_base, save_adapter, scan_file)
 from ctrlora_core.random_weights import write_random_files
 
 
@@ -42,11 +42,10 @@ def write(tmp_path, name, tensors, metadata=None):
 
 def test_official_layouts_are_classified(files):
     for name, kind in (("base", FileKind.CTRLORA_BASE), ("lora_a", FileKind.CTRLORA_LORA)):
-        assert classify(read_tensors(files[name])[0])[0] == kind
-    assert classify({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)})[0] == FileKind.SD_CHECKPOINT
-    assert classify({"input_hint_block.0.weight": torch.zeros(1),
-                     "input_blocks.0.0.weight": torch.zeros(1)})[0] == FileKind.CONTROLNET
-    assert classify({"lora_unet_down_blocks_0.lora_down.weight": torch.zeros(1)})[0] == FileKind.SD_LORA
+        assert scan_file(files[name]).kind == kind
+    assert classify(["model.diffusion_model.input_blocks.0.0.weight"])[0] == FileKind.SD_CHECKPOINT
+    assert classify(["input_hint_block.0.weight", "input_blocks.0.0.weight"])[0] == FileKind.CONTROLNET
+    assert classify(["lora_unet_down_blocks_0.lora_down.weight"])[0] == FileKind.SD_LORA
 
 
 def test_saved_lora_has_official_layout_and_metadata(tmp_path, base, files):
@@ -56,7 +55,7 @@ def test_saved_lora_has_official_layout_and_metadata(tmp_path, base, files):
                                 "training_steps": 1000, "resolution": 512, "base_sha256": "ab" * 32})
     tensors = load_file(str(out))
     assert len(tensors) == 246 and all(k.startswith("control_model.") for k in tensors)
-    info = inspect_cli.describe(out)
+    info = describe_cli.describe(out)
     assert info["kind"] == FileKind.CTRLORA_LORA.value and info["rank"] == 8
     meta = info["metadata"]
     assert meta["format"] == "ctrlora-lora" and meta["training_steps"] == "1000" and meta["resolution"] == "512"
@@ -87,7 +86,7 @@ def test_inspect_does_not_open_pickles_unless_asked(tmp_path, files):
 
 
 def describe_kind(path, read_pickles):
-    return inspect_cli.describe(path, read_pickles=read_pickles)["kind"]
+    return describe_cli.describe(path, read_pickles=read_pickles)["kind"]
 
 
 class Exploit:
@@ -169,8 +168,8 @@ def test_every_malformed_file_gets_a_specific_error(tmp_path, files, base):
     assert not os.path.exists("/tmp/ctrlora_pwned")
 
 
-def test_inspect_cli_prints_json(files, capsys):
-    assert inspect_cli.main(["--json", files["lora_a"]]) == 0
+def test_describe_cli_prints_json(files, capsys):
+    assert describe_cli.main(["--json", files["lora_a"]]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["tensors"] == 246 and info["metadata"]["condition"] == "lora_a"
 

@@ -4,8 +4,7 @@ import math
 import pytest
 import torch
 
-from ctrlora_core.adapter_stack import AdapterStack
-from ctrlora_core.adapters import CtrLoRAAdapter, blend_adapters, merged_adapter
+from ctrlora_core.adapters import CtrLoRAAdapter, blend_adapters, merged_adapter, stack_adapters
 from ctrlora_core.config import ControlNetConfig, infer_config
 from ctrlora_core.controlnet import CtrLoRAControlNet
 from ctrlora_core.random_weights import SMALL_CONFIG, random_adapter, random_base
@@ -38,16 +37,16 @@ def test_residuals_are_contiguous_nchw(model, inputs):
     """The host UNet adds the residuals to its NCHW activations; a channels-last residual
     (from the transformer's rearrange) slowed ComfyUI's sampling steps by ~40% on CPU."""
     adapter = random_adapter(model, 8, 1, "a")
-    for stack in (None, AdapterStack.build([adapter])):
+    for stack in (None, stack_adapters([adapter])):
         for residual in run(model, inputs["hint"], inputs, stack):
             assert residual.is_contiguous(), residual.stride()
 
 
 def test_inference_merged_lora_path_equals_low_rank_path(model, inputs, monkeypatch):
     """Without autograd, wide layers with many tokens run through per-adapter merged weights."""
-    import ctrlora_core.ops as ops
+    import ctrlora_core.layers as ops
 
-    stack = AdapterStack.build([random_adapter(model, 8, 1, "a"), random_adapter(model, 4, 2, "b")], [0.6, 0.4])
+    stack = stack_adapters([random_adapter(model, 8, 1, "a"), random_adapter(model, 4, 2, "b")], [0.6, 0.4])
     hints = torch.cat([inputs["hint"], inputs["hint2"]])
     merged_calls = []
     merged = ops._merged_per_adapter
@@ -63,16 +62,16 @@ def test_inference_merged_lora_path_equals_low_rank_path(model, inputs, monkeypa
 
 def test_two_adapters_equal_weighted_sum_of_single_runs(model, inputs):
     a, b = random_adapter(model, 8, 1, "a"), random_adapter(model, 4, 2, "b")  # different ranks
-    ra = run(model, inputs["hint"], inputs, AdapterStack.build([a]))
-    rb = run(model, inputs["hint2"], inputs, AdapterStack.build([b]))
-    both = run(model, torch.cat([inputs["hint"], inputs["hint2"]]), inputs, AdapterStack.build([a, b], [0.7, 0.3]))
+    ra = run(model, inputs["hint"], inputs, stack_adapters([a]))
+    rb = run(model, inputs["hint2"], inputs, stack_adapters([b]))
+    both = run(model, torch.cat([inputs["hint"], inputs["hint2"]]), inputs, stack_adapters([a, b], [0.7, 0.3]))
     assert max_diff(both, [0.7 * x + 0.3 * y for x, y in zip(ra, rb)]) < 1e-5
     assert max_diff(ra, rb) > 1e-2  # the two conditions really differ
 
 
 def test_lora_strength_scales_the_weight_update(model, inputs):
     a = random_adapter(model, 8, 1)
-    half = AdapterStack.build([a], lora_strengths=[0.5])
+    half = stack_adapters([a], lora_strengths=[0.5])
     with merged_adapter(model, a, strength=0.5):
         merged = run(model, inputs["hint"], inputs)
     assert max_diff(run(model, inputs["hint"], inputs, half), merged) < 1e-4
@@ -81,7 +80,7 @@ def test_lora_strength_scales_the_weight_update(model, inputs):
 def test_merged_path_equals_forward_time_path_and_restores_weights(model, inputs):
     a = random_adapter(model, 8, 3)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    forward_time = run(model, inputs["hint"], inputs, AdapterStack.build([a]))
+    forward_time = run(model, inputs["hint"], inputs, stack_adapters([a]))
     with merged_adapter(model, a):
         merged = run(model, inputs["hint"], inputs)
     assert max_diff(forward_time, merged) < 1e-4
@@ -93,7 +92,7 @@ def test_fresh_adapter_reproduces_the_base_exactly(model, inputs):
     fresh = CtrLoRAAdapter.fresh(model, 16, torch.Generator().manual_seed(0))
     assert all(torch.count_nonzero(fresh.lora_pair(m)[1]) == 0 for m in fresh.lora_modules())
     assert max_diff(run(model, inputs["hint"], inputs), run(model, inputs["hint"], inputs,
-                                                              AdapterStack.build([fresh]))) < 1e-5
+                                                              stack_adapters([fresh]))) < 1e-5
 
 
 def test_adapter_changes_every_residual_but_the_first_through_lora(model, inputs):
@@ -103,7 +102,7 @@ def test_adapter_changes_every_residual_but_the_first_through_lora(model, inputs
     for m in only_lora.set_modules():  # keep the base's zero convs and norms
         only_lora.tensors[m + ".weight"], only_lora.tensors[m + ".bias"] = base_sets.set_pair(m)
     base = run(model, inputs["hint"], inputs)
-    lora = run(model, inputs["hint"], inputs, AdapterStack.build([only_lora]))
+    lora = run(model, inputs["hint"], inputs, stack_adapters([only_lora]))
     diffs = [((x - y).abs().max() / x.abs().max()).item() for x, y in zip(base, lora)]
     assert diffs[0] < 1e-6  # conv_in + zero conv 0 have no Linear in their path (float noise only)
     assert all(d > 1e-3 for d in diffs[1:])
@@ -112,7 +111,7 @@ def test_adapter_changes_every_residual_but_the_first_through_lora(model, inputs
 def test_three_adapters_hold_one_copy_of_the_base(model, inputs):
     base_storages = {p.data_ptr() for p in model.parameters()}
     adapters = [random_adapter(model, 8, s) for s in (1, 2, 3)]
-    stack1, stack3 = AdapterStack.build(adapters[:1]), AdapterStack.build(adapters)
+    stack1, stack3 = stack_adapters(adapters[:1]), stack_adapters(adapters)
     hints = torch.cat([inputs["hint"], inputs["hint2"], inputs["hint3"]])
     run(model, hints, inputs, stack3)
     assert {p.data_ptr() for p in model.parameters()} == base_storages  # nothing copied or re-allocated
@@ -146,7 +145,7 @@ def test_blend_to_fixed_rank_reports_truncation_error(model):
 def test_gradients_reach_adapter_parameters_only(model, inputs):
     adapter = random_adapter(model, 4, 9)
     params = {k: torch.nn.Parameter(v.clone()) for k, v in adapter.tensors.items()}
-    stack = AdapterStack.build([CtrLoRAAdapter(params)])
+    stack = stack_adapters([CtrLoRAAdapter(params)])
     out = model(inputs["hint"], inputs["t"], inputs["ctx"], adapters=stack, gradient_checkpointing=True)
     sum(o.square().mean() for o in out).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params.values())
@@ -177,7 +176,7 @@ def test_config_round_trips_through_state_dict(config):
     model = CtrLoRAControlNet(config)
     assert infer_config(model.state_dict(), num_heads=config.num_heads) == config
     n_res = len(model(torch.randn(1, 4, 16, 16), torch.tensor([3]), torch.randn(1, 5, config.context_dim)))
-    assert n_res == config.num_residuals
+    assert n_res == len(model.zero_convs) + 1 == 1 + sum(config.num_res_blocks) + len(config.channel_mult)
 
 
 @pytest.mark.slow
@@ -192,7 +191,7 @@ def test_full_size_sd15_layout_shapes_and_determinism():
     assert len(adapter.tensors) == 246 and adapter.numel() == 36_945_536
     hint = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
     t, ctx = torch.tensor([500]), torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(1))
-    stack = AdapterStack.build([adapter])
+    stack = stack_adapters([adapter])
     with torch.no_grad():
         out1 = model(hint, t, ctx, adapters=stack)
         out2 = model(hint, t, ctx, adapters=stack)

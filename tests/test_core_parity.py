@@ -55,7 +55,7 @@ def test_ckpt_and_safetensors_lora_give_identical_results():
 
 
 def test_config_inferred_from_official_base_matches_fixture_config():
-    tensors, _ = read_tensors(os.path.join(DATA, "base.safetensors"))
+    tensors = read_tensors(os.path.join(DATA, "base.safetensors"))
     trunk = {k.removeprefix("control_model."): v for k, v in tensors.items() if "lora_layer" not in k}
     cfg = infer_config(trunk)
     official = CONFIG["control_model"]

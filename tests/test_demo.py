@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from ctrlora_core.formats import load_adapter
-from train import demo
-from train.backbone_tiny import TinyBackbone
+from demo import run_demo as demo
+from train.backbones.tiny import TinyBackbone
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,9 @@
 """Tests for nodes/info_route.py: the /ctrlora/info resolver refuses everything outside the
-registered model folders, and describing a file never unpickles it."""
+registered model folders, and describing a file never unpickles it.
+
+The library is imported through the pack (`ComfyUI_CtrLoRA.ctrlora_core`), the copy the nodes use,
+so the error classes the nodes raise are the ones these tests catch.
+"""
 from __future__ import annotations
 
 import os
@@ -9,9 +13,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from ctrlora_core.formats import save_adapter
-from ctrlora_core.random_weights import SMALL_CONFIG, random_adapter, random_base, save_random_base
-from nodes.info_route import RouteError, file_info, register_routes, resolve_model_file
+from ComfyUI_CtrLoRA.ctrlora_core.formats import save_adapter
+from ComfyUI_CtrLoRA.ctrlora_core.random_weights import SMALL_CONFIG, random_adapter, random_base, save_random_base
+from ComfyUI_CtrLoRA.nodes.info_route import RouteError, file_info, register_routes, resolve_model_file
 
 LORA_METADATA = {"condition": "dental", "prompt_template": "a {jaw} {view}", "training_steps": 1200,
                  "resolution": 512}

@@ -1,4 +1,8 @@
-"""Node logic that needs no ComfyUI: model file listing, LoRA handles, conditions, blends, dental helpers."""
+"""Node logic that needs no ComfyUI: model file listing, LoRA handles, conditions, blends, dental helpers.
+
+The library is imported through the pack (`ComfyUI_CtrLoRA.ctrlora_core`), the copy the nodes use,
+so the error classes the nodes raise are the ones these tests catch.
+"""
 from __future__ import annotations
 
 import os
@@ -9,19 +13,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ctrlora_core.adapters import blend_adapters
-from ctrlora_core.conditions import ConditionError, blend_lighting_seg
-from ctrlora_core.config import ControlNetConfig
-from ctrlora_core.errors import CheckpointError
-from ctrlora_core.formats import FileKind, load_adapter, save_adapter
-from ctrlora_core.prompts import DEFAULT_TEMPLATE, PromptError
-from ctrlora_core.random_weights import SMALL_CONFIG, random_adapter, random_base, save_random_base
-from nodes import model_files
-from nodes.apply import CtrLoRACondition
-from nodes.block_weights import block_multipliers
-from nodes.dental import CtrLoRABlendLightingSeg, CtrLoRADentalPrompt
-from nodes.handles import LoRAHandle
-from nodes.loaders import CtrLoRABlendLoRAs
+from ComfyUI_CtrLoRA.ctrlora_core.adapters import blend_adapters
+from ComfyUI_CtrLoRA.ctrlora_core.conditions import ConditionError, blend_lighting_seg
+from ComfyUI_CtrLoRA.ctrlora_core.config import ControlNetConfig
+from ComfyUI_CtrLoRA.ctrlora_core.errors import CheckpointError
+from ComfyUI_CtrLoRA.ctrlora_core.formats import FileKind, load_adapter, save_adapter
+from ComfyUI_CtrLoRA.ctrlora_core.prompts import DEFAULT_TEMPLATE, PromptError
+from ComfyUI_CtrLoRA.ctrlora_core.random_weights import SMALL_CONFIG, random_adapter, random_base, save_random_base
+from ComfyUI_CtrLoRA.nodes import model_files
+from ComfyUI_CtrLoRA.nodes.apply import CtrLoRACondition
+from ComfyUI_CtrLoRA.nodes.block_weights import block_multipliers
+from ComfyUI_CtrLoRA.nodes.dental import CtrLoRABlendLightingSeg, CtrLoRADentalPrompt
+from ComfyUI_CtrLoRA.nodes.handles import LoRAHandle
+from ComfyUI_CtrLoRA.nodes.loaders import CtrLoRABlendLoRAs
 
 EXTENSIONS = {".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft"}
 

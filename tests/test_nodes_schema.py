@@ -5,7 +5,7 @@ import inspect
 
 import pytest
 
-import nodes as pack
+from ComfyUI_CtrLoRA import nodes as pack
 
 # The published node ids and their inputs (brief: "Stable node IDs and inputs").
 CONTRACT = {

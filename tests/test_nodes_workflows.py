@@ -9,8 +9,8 @@ import os
 import pytest
 from PIL import Image
 
-import nodes as pack
-from integration.workflow_api import CORE_NODES, FRONTEND_ONLY, WorkflowError, slots_from_input_types, to_api
+from ComfyUI_CtrLoRA import nodes as pack
+from testbed.workflow_api import CORE_NODES, FRONTEND_ONLY, WorkflowError, slots_from_input_types, to_api
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKFLOWS = sorted(glob.glob(os.path.join(ROOT, "example_workflows", "*.json")))

@@ -11,7 +11,6 @@ from ctrlora_core.prompts import (
     PromptError,
     PromptTemplate,
     parse_dental_name,
-    prompts_for_files,
     read_sidecar_prompt,
 )
 
@@ -99,20 +98,6 @@ def test_render_checks_values():
         PromptTemplate().render(jaw="middle", view="top")
     with pytest.raises(PromptError, match="view: expected one of top, front, bottom, left, right, got 'Top'"):
         PromptTemplate().render(jaw="upper", view="Top")
-
-
-def test_prompts_for_files_reports_every_bad_name_in_order():
-    names = ["upper_front_1.png", "bad_one.png", "lower_right_2.png", "front_upper.png", "x.png"]
-    template = PromptTemplate("{jaw}/{view}")
-    prompts, bad = prompts_for_files(names, template)
-    assert prompts == {"upper_front_1.png": "upper/front", "lower_right_2.png": "lower/right"}
-    assert bad == ["bad_one.png", "front_upper.png", "x.png"]
-
-
-def test_prompts_for_files_uses_the_default_template():
-    prompts, bad = prompts_for_files(["lower_top_3.png"])
-    assert prompts == {"lower_top_3.png": DEFAULT_TEMPLATE.format(jaw="lower", view="top")}
-    assert bad == []
 
 
 def test_sidecar_prompt(tmp_path):

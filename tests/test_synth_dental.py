@@ -6,7 +6,7 @@ import pytest
 
 from ctrlora_core.conditions import blend_lighting_seg, load_image
 from ctrlora_core.prompts import PromptTemplate, parse_dental_name
-from train import synth_dental as sd
+from demo import synth_dental as sd
 from train.dataset import find_pairs
 
 

@@ -4,9 +4,9 @@ import os
 import pytest
 import torch
 
-from tests.train_data import one_thread, write_dental  # noqa: F401
-from train.backbone import sample_latent
-from train.backbone_tiny import TinyBackbone
+from train_data import one_thread, write_dental  # noqa: F401
+from train.backbones.backbone import sample_latent
+from train.backbones.tiny import TinyBackbone
 from train.dataset import check_dataset, load_pair
 from train.latent_cache import cached_latents, cached_prompts
 

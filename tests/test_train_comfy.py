@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from ctrlora_core.config import ControlNetConfig
-from ctrlora_core.formats import FileKind, classify, load_adapter, load_base, read_tensors
+from ctrlora_core.formats import FileKind, load_adapter, load_base, scan_file
 from ctrlora_core.random_weights import random_base, save_random_base
-from tests.train_data import write_dental
+from train_data import write_dental
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 pytestmark = pytest.mark.skipif(not COMFYUI_PATH, reason="COMFYUI_PATH is not set: ComfyUI-backed trainer test skipped")
@@ -46,7 +46,7 @@ def random_sd15_checkpoint() -> Path:
         return path
     from safetensors.torch import save_file
 
-    from train.backbone_comfy import find_comfyui, import_comfy
+    from train.backbones.comfy import find_comfyui, import_comfy
 
     import_comfy(find_comfyui(COMFYUI_PATH), torch.device("cpu"))
     import comfy.model_detection
@@ -86,9 +86,9 @@ def test_training_on_comfyui_loaded_sd15(tmp_path):
         "--data", str(data), "--model", str(checkpoint), "--base", str(base_path), "--comfyui", COMFYUI_PATH,
         "--out", str(tmp_path / "run"), "--rank", "4", "--lr", "1e-3", "--steps", "2", "--log-every", "1",
         "--val-count", "1", "--val-every", "2", "--val-steps", "1", "--device", "cpu"])
-    tensors, metadata = read_tensors(summary["lora"])
-    kind, _, _ = classify(tensors)
-    assert kind == FileKind.CTRLORA_LORA and len(tensors) == 246  # the official SD1.5 layout
+    lora = scan_file(summary["lora"])
+    metadata = lora.metadata
+    assert lora.kind == FileKind.CTRLORA_LORA and len(lora.shapes) == 246  # the official SD1.5 layout
     assert metadata["training_steps"] == "2" and metadata["sd_model"] == checkpoint.name
     adapter = load_adapter(summary["lora"], load_base(base_path))
     ups = [t for k, t in adapter.tensors.items() if k.endswith("lora_layer.up.weight")]

@@ -6,8 +6,8 @@ import pytest
 from PIL import Image
 
 from ctrlora_core.prompts import PromptTemplate
-from tests.train_data import write_dental, write_official
-from train.dataset import DatasetError, check_dataset, find_pairs, load_pair, validate_pairs
+from train_data import write_dental, write_official
+from train.dataset import DatasetError, check_dataset, find_pairs, load_pair, check_images
 
 
 def _issues_for(root, **kwargs):
@@ -148,4 +148,4 @@ def test_load_pair_ranges(tmp_path):
     assert cond.shape == target.shape == (3, 64, 64)
     assert float(cond.min()) >= 0.0 and float(cond.max()) <= 1.0
     np.testing.assert_allclose(target.permute(1, 2, 0).numpy(), raw * 2 - 1, atol=1e-6)
-    assert validate_pairs(pairs, multiple=64)[1] == []
+    assert check_images(pairs, multiple=64)[1] == []

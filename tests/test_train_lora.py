@@ -13,16 +13,17 @@ import torch
 import yaml
 from PIL import Image
 
-from ctrlora_core.adapter_stack import AdapterStack
-from ctrlora_core.adapters import CtrLoRAAdapter
+from ctrlora_core.adapters import CtrLoRAAdapter, stack_adapters
 from ctrlora_core.api import control_residuals
 from ctrlora_core.errors import CtrLoRAError
-from ctrlora_core.formats import CONTROL_PREFIX, FileKind, classify, file_sha256, load_adapter, load_base, read_tensors
+from ctrlora_core.files import file_sha256
+from ctrlora_core.formats import CONTROL_PREFIX, FileKind, load_adapter, load_base, read_tensors, scan_file
 from ctrlora_core.prompts import DEFAULT_TEMPLATE
 from ctrlora_core.schedule import NoiseSchedule
-from tests.train_data import one_thread, write_dental  # noqa: F401
+from train_data import one_thread, write_dental  # noqa: F401
 from train import train_lora
-from train.backbone_tiny import TinyBackbone
+from train.backbones import open_backbone
+from train.backbones.tiny import TinyBackbone
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,14 +48,14 @@ def train(data, out, *extra, model="tiny-random"):
 
 
 def lora_tensors(path):
-    tensors, metadata = read_tensors(path)
-    return tensors, metadata
+    return read_tensors(path), scan_file(path).metadata
 
 
 def test_trained_lora_has_official_layout_metadata_and_changes_residuals(data, weights, tmp_path):
     summary = train(data, tmp_path / "run", model=weights)
     tensors, metadata = lora_tensors(summary["lora"])
-    kind, control, _ = classify(tensors)
+    summary_ = scan_file(summary["lora"])
+    kind, control = summary_.kind, summary_.shapes
     assert kind == FileKind.CTRLORA_LORA and all(k.startswith(CONTROL_PREFIX) for k in tensors)
     base_path = weights / "base.safetensors"
     base = load_base(base_path)
@@ -74,7 +75,7 @@ def test_trained_lora_has_official_layout_metadata_and_changes_residuals(data, w
     hint = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     t, context = torch.tensor([500]), torch.randn(1, 32, 64, generator=torch.Generator().manual_seed(2))
     plain = base(hint, t, context)
-    untrained = base(hint, t, context, adapters=AdapterStack.build([fresh]))
+    untrained = base(hint, t, context, adapters=stack_adapters([fresh]))
     trained = control_residuals(str(base_path), [summary["lora"]], [1.0], 1.0, [hint], [500], context)
     for a, b in zip(plain, untrained):  # a fresh adapter is the base (up to float rounding)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -198,7 +199,7 @@ def test_killing_the_trainer_never_corrupts_the_last_good_file(data, tmp_path):
         assert int(adapter.metadata["training_steps"]) >= 1 and state["step"] >= 1
         command += ["--resume"] if "--resume" not in command else []
     resumed = train(data, out, "--steps", state["step"] + 1, "--resume", "--batch-size", 1)
-    assert read_tensors(resumed["lora"])[1]["training_steps"] == str(state["step"] + 1)
+    assert scan_file(resumed["lora"]).metadata["training_steps"] == str(state["step"] + 1)
 
 
 def test_validation_writes_a_grid_and_logs_psnr_ssim(data, tmp_path):
@@ -241,9 +242,9 @@ def test_missing_comfyui_is_a_clear_error(tmp_path, monkeypatch):
     checkpoint = tmp_path / "sd.safetensors"
     checkpoint.write_bytes(b"x")
     with pytest.raises(CtrLoRAError, match="ComfyUI not found.*--comfyui"):
-        train_lora.build_backbone(str(checkpoint), "base.safetensors", "", torch.device("cpu"), torch.float32)
+        open_backbone(str(checkpoint), "base.safetensors", "", torch.device("cpu"), torch.float32)
     with pytest.raises(CtrLoRAError, match="not a ComfyUI folder"):
-        train_lora.build_backbone(str(checkpoint), "base.safetensors", str(tmp_path), torch.device("cpu"),
+        open_backbone(str(checkpoint), "base.safetensors", str(tmp_path), torch.device("cpu"),
                                   torch.float32)
 
 
@@ -268,7 +269,7 @@ def test_batches_are_drawn_per_sample_slot():
 
 
 def test_official_layout_with_a_bad_pair_skipped_and_no_disk_cache(tmp_path):
-    from tests.train_data import write_official
+    from train_data import write_official
 
     data = write_official(tmp_path / "official", count=5, as_array=True)
     (data / "target" / "3.png").write_bytes(b"broken")

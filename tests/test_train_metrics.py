@@ -8,10 +8,11 @@ from PIL import Image
 
 from ctrlora_core.formats import save_adapter
 from ctrlora_core.random_weights import random_adapter
-from tests.train_data import one_thread, write_dental  # noqa: F401
+from train_data import one_thread, write_dental  # noqa: F401
 from train import evaluate
-from train.backbone_tiny import TinyBackbone
-from train.validate import edge_correlation, psnr, save_grid, ssim
+from train.backbones.tiny import TinyBackbone
+from train.metrics import edge_correlation, psnr, ssim
+from train.sampling import save_grid
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,13 +1,14 @@
-"""The miniature models of the demo and their Backbone (train/tiny_models.py, train/backbone_tiny.py)."""
+"""The miniature models of the demo and their Backbone (train/backbones/tiny_models.py, tiny.py)."""
 import os
 
 import pytest
 import torch
 
 from ctrlora_core.formats import load_base
-from tests.train_data import one_thread  # noqa: F401
-from train.backbone_tiny import TinyBackbone
-from train.tiny_models import TINY_CONFIG, TinyAutoencoder, TinyTextEncoder, TinyUNet, controlnet_from_unet
+from train_data import one_thread  # noqa: F401
+from train.backbones.tiny import TinyBackbone
+from demo.pretrain_demo import controlnet_from_unet
+from train.backbones.tiny_models import TINY_CONFIG, TinyAutoencoder, TinyTextEncoder, TinyUNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from ctrlora_core.prompts import DEFAULT_TEMPLATE
+from testbed.comfy_host import PACK_ROOT, pack_module
 
-import nodes as pack  # noqa: E402
-from ctrlora_core.prompts import DEFAULT_TEMPLATE  # noqa: E402
-
-OUT_DIR = os.path.join(ROOT, "example_workflows")
+pack = pack_module("nodes")
+OUT_DIR = os.path.join(PACK_ROOT, "example_workflows")
 CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"
 BASE = "ctrlora_sd15_basecn700k.ckpt"
 DENTAL_LORA = "ctrlora_sd15_dental_lighting_seg.safetensors"

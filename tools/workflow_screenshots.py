@@ -4,11 +4,11 @@
         [--comfy-python ~/comfy-run/venv/bin/python] [--render-python .venv/bin/python]
 
 Starts a throwaway headless ComfyUI (CPU, loopback) with this pack linked in and the model
-names the examples use (the random test models from tests/integration/fake_models.py),
-renders dental input maps with train/synth_dental.py, then in headless Chromium for each
+names the examples use (the random test models from testbed/fake_models.py),
+renders dental input maps with demo/synth_dental.py, then in headless Chromium for each
 workflow: loads it, runs its condition-image preview (so the node shows the blended
 condition), checks that the front end's own API conversion (app.graphToPrompt) equals
-tests/integration/workflow_api.to_api, and saves <name>.jpg next to the workflow.
+testbed/workflow_api.to_api, and saves <name>.jpg next to the workflow.
 """
 from __future__ import annotations
 
@@ -25,12 +25,10 @@ import time
 from PIL import Image
 from playwright.sync_api import sync_playwright
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-
-from integration import fake_models  # noqa: E402
-from integration.comfy_server import ComfyServer  # noqa: E402
-from integration.workflow_api import slots_from_object_info, to_api  # noqa: E402
+from testbed import fake_models
+from testbed.comfy_host import PACK_ROOT as ROOT
+from testbed.comfy_server import ComfyServer
+from testbed.workflow_api import slots_from_object_info, to_api
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
@@ -59,7 +57,7 @@ FIT_VIEW = """() => {
 def render_inputs(folder: str, python: str) -> None:
     """upper_front_{lighting,seg,depth}.png from the procedural dental renderer."""
     with tempfile.TemporaryDirectory() as out:
-        subprocess.run([python, os.path.join(ROOT, "train", "synth_dental.py"), "--out", out, "--count", "12",
+        subprocess.run([python, os.path.join(ROOT, "demo", "synth_dental.py"), "--out", out, "--count", "12",
                         "--size", "256", "--extra-maps", "depth"], check=True)
         names = sorted(os.listdir(os.path.join(out, "source_lighting")))
         name = next((n for n in names if n.startswith("upper_front")), names[0])

@@ -11,7 +11,7 @@ Layouts of a dataset folder ROOT:
    made from the file name by the prompt template (`upper_front_0001.png` ->
    "a 3D dental model of upper teeth, front view, ...", see `ctrlora_core.prompts`).
 
-`find_pairs` reads a layout; `validate_pairs` opens every image. Every problem is collected
+`find_pairs` reads a layout; `check_images` opens every image. Every problem is collected
 as an `Issue` naming the file, so a user sees all of them at once, and `check_dataset`
 either raises `DatasetError` listing them or (skip_bad) drops the offending pairs.
 """
@@ -163,7 +163,7 @@ def image_size(path: Path) -> tuple[int, int] | str:
         return f"unreadable image ({err})"
 
 
-def validate_pairs(pairs: list[Pair], multiple: int = 8) -> tuple[list[Pair], list[Issue]]:
+def check_images(pairs: list[Pair], multiple: int = 8) -> tuple[list[Pair], list[Issue]]:
     """Open every image; return the good pairs and the issues of the bad ones.
 
     Checked: readable, source and target of the same size, sizes multiples of `multiple`,
@@ -206,9 +206,9 @@ def validate_pairs(pairs: list[Pair], multiple: int = 8) -> tuple[list[Pair], li
 
 def check_dataset(root: str | os.PathLike, template: PromptTemplate | None = None, skip_bad: bool = False,
                   multiple: int = 8) -> tuple[list[Pair], list[Issue]]:
-    """find_pairs + validate_pairs; raise DatasetError on any issue unless skip_bad (then drop them)."""
+    """find_pairs + check_images; raise DatasetError on any issue unless skip_bad (then drop them)."""
     pairs, issues = find_pairs(root, template)
-    good, more = validate_pairs(pairs, multiple)
+    good, more = check_images(pairs, multiple)
     issues += more
     if issues and not skip_bad:
         raise DatasetError(issues, root)

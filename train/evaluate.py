@@ -22,17 +22,17 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from ctrlora_core.adapters import CtrLoRAAdapter  # noqa: E402
-from ctrlora_core.errors import CtrLoRAError  # noqa: E402
-from ctrlora_core.formats import load_adapter  # noqa: E402
-from ctrlora_core.prompts import DEFAULT_TEMPLATE, PromptTemplate  # noqa: E402
-from train.backbone import sample_latent  # noqa: E402
-from train.dataset import check_dataset, image_size, load_pair  # noqa: E402
-from train.latent_cache import cached_latents, cached_prompts  # noqa: E402
-from train.train_lora import build_backbone, pick_device, resolve_precision  # noqa: E402
-from train.validate import edge_correlation, psnr, sample_latents, save_grid, ssim  # noqa: E402
+from ctrlora_core.adapters import CtrLoRAAdapter
+from ctrlora_core.errors import CtrLoRAError
+from ctrlora_core.formats import load_adapter
+from ctrlora_core.prompts import DEFAULT_TEMPLATE, PromptTemplate
+from train.backbones import open_backbone
+from train.backbones.backbone import sample_latent
+from train.dataset import check_dataset, image_size, load_pair
+from train.devices import pick_device, resolve_precision
+from train.latent_cache import cached_latents, cached_prompts
+from train.metrics import edge_correlation, psnr, ssim
+from train.sampling import sample_images, save_grid
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = pick_device(args.device, 0)
     autocast_dtype, weight_dtype = resolve_precision(args.precision, device)
-    backbone = build_backbone(args.model, args.base, args.comfyui, device, weight_dtype)
+    backbone = open_backbone(args.model, args.base, args.comfyui, device, weight_dtype)
     pairs, _ = check_dataset(args.data, PromptTemplate(args.prompt_template))
     pairs = pairs[: args.limit] if args.limit else pairs
     size = image_size(pairs[0].target)
@@ -76,9 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
     for start in range(0, len(pairs), args.batch_size):
         chunk = pairs[start:start + args.batch_size]
         context = prompts.embeddings[[prompts.index(p.prompt) for p in chunk]]
-        sampled = sample_latents(backbone, adapter, hints[start:start + len(chunk)], context, prompts.embeddings[:1],
-                                 args.steps, args.cfg, args.seed + start, autocast_dtype)
-        samples = ((backbone.decode(sampled).float().cpu() + 1.0) / 2.0).clamp(0, 1)
+        samples = sample_images(backbone, adapter, hints[start:start + len(chunk)], context, prompts.embeddings[:1],
+                                args.steps, args.cfg, args.seed + start, autocast_dtype)
         loaded = [load_pair(p) for p in chunk]
         conditions = torch.stack([c for c, _ in loaded])
         targets = torch.stack([(t + 1.0) / 2.0 for _, t in loaded])

@@ -27,8 +27,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from ctrlora_core.formats import atomic_save_safetensors
-from train.backbone import Backbone
+from ctrlora_core.files import file_stamp
+from ctrlora_core.formats import save_safetensors
+from train.backbones.backbone import Backbone
 from train.dataset import Pair, load_pair
 
 CACHE_VERSION = "1"
@@ -38,14 +39,9 @@ def _digest(payload: object) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
 
 
-def _stamp(path: Path) -> list:
-    st = path.stat()
-    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
-
-
 def latents_key(pairs: Sequence[Pair], identity: str, resolution: tuple[int, int]) -> str:
     """Content key of the image latents (see module docstring)."""
-    files = [_stamp(p.source) + _stamp(p.target) for p in pairs]
+    files = [list(file_stamp(p.source)) + list(file_stamp(p.target)) for p in pairs]
     return _digest({"kind": "latents", "version": CACHE_VERSION, "model": identity,
                     "resolution": list(resolution), "files": files})
 
@@ -124,9 +120,9 @@ def cached_latents(backbone: Backbone, pairs: Sequence[Pair], resolution: tuple[
             raise FileNotFoundError(f"{path}: latent cache missing (it should have been built by local rank 0)")
     latents = encode_pairs(backbone, pairs, batch_size, show_progress)
     if cache_dir is not None:
-        atomic_save_safetensors({"cond_moments": latents.cond_moments, "target_moments": latents.target_moments},
-                                latents_path(cache_dir, key),
-                                {"key": key, "count": str(len(pairs)), "names": json.dumps([p.name for p in pairs])})
+        save_safetensors({"cond_moments": latents.cond_moments, "target_moments": latents.target_moments},
+                         latents_path(cache_dir, key),
+                         {"key": key, "count": str(len(pairs)), "names": json.dumps([p.name for p in pairs])})
     return latents, True
 
 
@@ -146,6 +142,6 @@ def cached_prompts(backbone: Backbone, prompts: Sequence[str], cache_dir: str | 
               for i in range(0, len(distinct), batch_size)]
     prompt_set = PromptSet(distinct, torch.cat(chunks))
     if cache_dir is not None:
-        atomic_save_safetensors({"embeddings": prompt_set.embeddings}, text_path(cache_dir, key),
-                                {"key": key, "prompts": json.dumps(distinct)})
+        save_safetensors({"embeddings": prompt_set.embeddings}, text_path(cache_dir, key),
+                         {"key": key, "prompts": json.dumps(distinct)})
     return prompt_set, True

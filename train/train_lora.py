@@ -23,7 +23,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -37,19 +36,20 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from ctrlora_core.adapter_stack import AdapterStack  # noqa: E402
-from ctrlora_core.adapters import CtrLoRAAdapter  # noqa: E402
-from ctrlora_core.errors import CtrLoRAError  # noqa: E402
-from ctrlora_core.formats import file_sha256, save_adapter  # noqa: E402
-from ctrlora_core.prompts import DEFAULT_TEMPLATE, PromptTemplate  # noqa: E402
-from ctrlora_core.schedule import NoiseSchedule  # noqa: E402
-from train import distributed  # noqa: E402
-from train.backbone import Backbone, sample_latent  # noqa: E402
-from train.dataset import Pair, check_dataset, image_size, load_pair  # noqa: E402
-from train.latent_cache import LatentSet, cached_latents, cached_prompts  # noqa: E402
-from train.validate import psnr, sample_latents, save_grid, ssim  # noqa: E402
+from ctrlora_core.adapters import CtrLoRAAdapter, stack_adapters
+from ctrlora_core.errors import CtrLoRAError
+from ctrlora_core.files import atomic_write, file_sha256
+from ctrlora_core.formats import save_adapter
+from ctrlora_core.prompts import DEFAULT_TEMPLATE, PromptTemplate
+from ctrlora_core.schedule import NoiseSchedule
+from train import distributed
+from train.backbones import open_backbone
+from train.backbones.backbone import Backbone, sample_latent
+from train.dataset import Pair, check_dataset, image_size, load_pair
+from train.devices import pick_device, resolve_precision
+from train.latent_cache import LatentSet, cached_latents, cached_prompts
+from train.metrics import psnr, ssim
+from train.sampling import sample_images, save_grid
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,43 +189,6 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 # ----------------------------------------------------------------------------------------------
 # Helpers
 
-def pick_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device(f"cuda:{local_rank}")
-    return device
-
-
-def resolve_precision(name: str, device: torch.device) -> tuple[torch.dtype | None, torch.dtype]:
-    """(autocast dtype or None, dtype of the frozen weights) for a --precision value."""
-    if name == "auto":
-        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if name == "fp32":
-        return None, torch.float32
-    dtype = torch.bfloat16 if name == "bf16" else torch.float16
-    return dtype, dtype
-
-
-def build_backbone(model: str, base: str, comfyui: str, device: torch.device, weight_dtype: torch.dtype) -> Backbone:
-    """Open --model: 'tiny-random[:SEED]', a tiny weights folder, or an SD checkpoint through ComfyUI."""
-    from train.backbone_tiny import CONFIG_FILE, TinyBackbone
-
-    if model.startswith("tiny-random"):
-        seed = int(model.partition(":")[2] or 0)
-        return TinyBackbone.random(seed, device=device)
-    if os.path.isdir(model):
-        if not os.path.isfile(os.path.join(model, CONFIG_FILE)):
-            raise CtrLoRAError(f"{model}: a folder given as --model must hold miniature weights ({CONFIG_FILE})")
-        return TinyBackbone.load(model, device=device, base_path=base or None)
-    if not base:
-        raise CtrLoRAError("--base is required with an SD checkpoint (the CtrLoRA Base ControlNet file)")
-    from train.backbone_comfy import ComfyBackbone
-
-    return ComfyBackbone(model, base, comfyui=comfyui or None, device=device, dtype=weight_dtype)
-
-
 def _param_name(key: str) -> str:
     return key.replace(".", "/")
 
@@ -254,7 +217,7 @@ class AdapterModule(nn.Module):
         return CtrLoRAAdapter({k: self.params[_param_name(k)].detach().float().cpu().clone() for k in self.keys})
 
     def forward(self, hint: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        stack = AdapterStack.build([self.adapter()])
+        stack = stack_adapters([self.adapter()])
         control = self.backbone.controlnet(hint, t, context, adapters=stack,
                                            gradient_checkpointing=self.gradient_checkpointing)
         return self.backbone.predict_noise(x_t, t, context, control)
@@ -307,18 +270,6 @@ def loss_on(model: nn.Module, batch: Batch, autocast_dtype: torch.dtype | None) 
     return F.mse_loss(eps.float(), batch.noise.float())
 
 
-def atomic_torch_save(obj: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def rng_states() -> dict:
     np_state = np.random.get_state()
     return {
@@ -354,9 +305,8 @@ class ValidationSet:
 def validate(backbone: Backbone, adapter: CtrLoRAAdapter, val: ValidationSet, config: TrainConfig,
              autocast_dtype: torch.dtype | None, grid_path: Path) -> dict:
     """Sample the held-out pairs, write the grid PNG, return mean PSNR/SSIM against the targets."""
-    latents = sample_latents(backbone, adapter, val.hints, val.context, val.uncond, config.val_steps,
-                             config.val_cfg, config.seed, autocast_dtype)
-    samples = ((backbone.decode(latents).float().cpu() + 1.0) / 2.0).clamp(0, 1)
+    samples = sample_images(backbone, adapter, val.hints, val.context, val.uncond, config.val_steps,
+                            config.val_cfg, config.seed, autocast_dtype)
     save_grid(grid_path, val.conditions, samples, val.targets)
     return {"val_psnr": float(psnr(samples, val.targets).mean()), "val_ssim": float(ssim(samples, val.targets).mean())}
 
@@ -402,7 +352,7 @@ def main(argv: list[str] | None = None) -> dict:
             tqdm.write(message)
 
     # -- models
-    backbone = build_backbone(config.model, config.base, config.comfyui, device, weight_dtype)
+    backbone = open_backbone(config.model, config.base, config.comfyui, device, weight_dtype)
     if config.gradient_checkpointing:
         backbone.set_gradient_checkpointing(True)
     if config.compile:
@@ -517,11 +467,12 @@ def main(argv: list[str] | None = None) -> dict:
     def save_checkpoint(step: int) -> None:
         """Training state first, then the LoRA: each file is replaced atomically, so a kill at any
         moment leaves the last good files (and a resume from the state file)."""
-        atomic_torch_save({
+        state = {
             "step": step, "params": {k: v.detach().cpu() for k, v in module.snapshot().tensors.items()},
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng_states(),
             "config": {k: getattr(config, k) for k in RESUME_FIXED}, "world_size": dist_info.world_size,
-            "per_step": per_step}, state_path)
+            "per_step": per_step}
+        atomic_write(state_path, lambda tmp: torch.save(state, tmp))
         save_adapter(module.snapshot(), lora_path, {**metadata, "training_steps": step})
 
     log_file = open(out / LOG_FILE, "a", encoding="utf-8") if main_process else None

@@ -23,7 +23,7 @@ from types import SimpleNamespace
 import numpy as np
 from PIL import Image
 
-from integration.comfy_server import ComfyServer
+from testbed.comfy_server import ComfyServer
 
 PACK_DIR = Path(__file__).resolve().parents[2]
 PACK_NAME = "ComfyUI-CtrLoRA"

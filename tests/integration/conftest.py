@@ -1,11 +1,11 @@
 """Fixtures for the tests that need a ComfyUI checkout ($COMFYUI_PATH); without it they are skipped.
 
-Run them with ComfyUI's Python (it has torch, torchvision and ComfyUI's requirements):
+Run them in an environment with ComfyUI's packages and this checkout installed (see the Makefile):
 
-    COMFYUI_PATH=/path/to/ComfyUI /path/to/comfy-venv/bin/python -m pytest -ra tests
+    make comfy-test COMFYUI_PATH=/path/to/ComfyUI COMFY_VENV=/path/to/comfy-venv
 
 - `comfy_lib`: ComfyUI importable in this process, forced to the CPU (library tests).
-- `model_cache`: random-weight full-size model files (fake_models.py), built once and cached.
+- `model_cache`: random-weight full-size model files (testbed/fake_models.py), built once and cached.
 - `comfy_server`: one headless ComfyUI (CPU, loopback, free port) for the session, with a
   temporary --base-directory: the pack linked into custom_nodes/, the cached models linked
   into models/ under the names the example workflows use, generated images in input/.
@@ -20,12 +20,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from . import fake_models
-from .comfy_server import ComfyServer
+from testbed import fake_models
+from testbed.comfy_host import PACK_ROOT, import_comfy
+from testbed.comfy_server import ComfyServer
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "")
 SKIP_REASON = "COMFYUI_PATH is not set: ComfyUI integration tests skipped (see tests/integration/conftest.py)"
-PACK_NAME = "ComfyUI-CtrLoRA"
+PACK_NAME = "ComfyUI-CtrLoRA"  # the pack's folder name in custom_nodes/
 INPUT_SIZE = (96, 80)  # width, height: not the latent's aspect, so hints are cropped and resized
 
 
@@ -41,21 +42,15 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def comfy_lib():
-    """Import ComfyUI as a library on the CPU (ComfyUI's own `nodes` module is never imported)."""
-    if not os.path.isfile(os.path.join(COMFYUI_PATH, "comfy", "model_management.py")):
-        pytest.fail(f"COMFYUI_PATH={COMFYUI_PATH!r} is not a ComfyUI checkout")
-    if COMFYUI_PATH not in sys.path:
-        sys.path.append(COMFYUI_PATH)  # appended: this repository's `nodes` package stays first
+    """Import ComfyUI as a library on the CPU."""
     try:
-        import comfy.cli_args
-
-        comfy.cli_args.args.cpu = True
-        import comfy.controlnet  # noqa: F401  (pulls in model_management, sd, ...)
+        comfy = import_comfy(COMFYUI_PATH)
+        import comfy.controlnet  # noqa: F401  (pulls in sd, ...)
         import comfy.sd  # noqa: F401
+    except FileNotFoundError as err:
+        pytest.fail(f"COMFYUI_PATH: {err}")
     except ImportError as err:
-        pytest.skip(f"comfy does not import with this Python ({err}); run with ComfyUI's venv")
-    import comfy
-
+        pytest.skip(f"comfy does not import with this Python ({err}); run `make comfy-test`")
     return comfy
 
 
@@ -63,9 +58,9 @@ def comfy_lib():
 def model_cache() -> str:
     folder = fake_models.cache_dir()
     if fake_models.missing_files(folder):
-        python = os.environ.get("COMFYUI_PYTHON", sys.executable)
-        subprocess.run([python, fake_models.__file__], check=True, env=dict(os.environ, COMFYUI_PATH=COMFYUI_PATH),
-                       timeout=1800)
+        # in a process of its own: building the checkpoint peaks at ~10 GiB, given back when it exits
+        subprocess.run([sys.executable, "-m", "testbed.fake_models"], check=True,
+                       env=dict(os.environ, COMFYUI_PATH=COMFYUI_PATH), timeout=1800)
     assert not fake_models.missing_files(folder)
     return folder
 
@@ -106,7 +101,7 @@ def make_base_directory(base_dir: str, cache: str) -> None:
         for name in names:
             os.symlink(os.path.join(cache, name), os.path.join(base_dir, "models", folder, name))
     os.makedirs(os.path.join(base_dir, "custom_nodes"))
-    os.symlink(fake_models.ROOT, os.path.join(base_dir, "custom_nodes", PACK_NAME))
+    os.symlink(PACK_ROOT, os.path.join(base_dir, "custom_nodes", PACK_NAME))
     os.makedirs(os.path.join(base_dir, "input"))
     write_input_images(os.path.join(base_dir, "input"))
 

@@ -2,7 +2,8 @@
 
 The control is driven the way ComfyUI's sampler drives it (get_models -> load_models_gpu ->
 pre_run -> get_control), on a small random base, and its residuals are compared with
-`ctrlora_core.api.control_residuals`, the reference computation.
+`ctrlora_core.api.control_residuals`, the reference computation.The library is imported through the pack (`ComfyUI_CtrLoRA.ctrlora_core`), the copy the nodes use,
+so the error classes the nodes raise are the ones these tests catch.
 """
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ctrlora_core.adapter_stack import AdapterStack
-from ctrlora_core.api import control_residuals
-from ctrlora_core.config import ControlNetConfig
-from ctrlora_core.errors import CheckpointError
-from ctrlora_core.formats import load_adapter, load_base
-from ctrlora_core.random_weights import SMALL_CONFIG, randomize_, write_random_files
+from ComfyUI_CtrLoRA.ctrlora_core.adapters import stack_adapters
+from ComfyUI_CtrLoRA.ctrlora_core.api import control_residuals
+from ComfyUI_CtrLoRA.ctrlora_core.config import ControlNetConfig
+from ComfyUI_CtrLoRA.ctrlora_core.errors import CheckpointError
+from ComfyUI_CtrLoRA.ctrlora_core.formats import load_adapter, load_base
+from ComfyUI_CtrLoRA.ctrlora_core.random_weights import SMALL_CONFIG, randomize_, write_random_files
 
 WEIGHTS = (0.5, 0.3, 0.2)
 
@@ -30,9 +31,9 @@ def lib(comfy_lib):
     import comfy.sd
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
-    from nodes import base_model, ctrlora_control
-    from nodes.apply import CtrLoRAApply, CtrLoRACondition
-    from nodes.handles import LoRAHandle
+    from ComfyUI_CtrLoRA.nodes import base_model, ctrlora_control
+    from ComfyUI_CtrLoRA.nodes.apply import CtrLoRAApply, CtrLoRACondition
+    from ComfyUI_CtrLoRA.nodes.handles import LoRAHandle
 
     class Sampling(comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.EPS):
         pass
@@ -141,7 +142,7 @@ def test_lora_strength_scales_only_the_low_rank_update(lib, files, base, vae, im
         outs[strength] = flat(out)
     hint = top_control(pos)._latents[0].expand(2, -1, -1, -1)
     model = load_base(files["base"])
-    stack = AdapterStack.build([load_adapter(files["a"])], lora_strengths=[0.0])
+    stack = stack_adapters([load_adapter(files["a"])], lora_strengths=[0.0])
     with torch.no_grad():
         zero_update = model(hint, timestep, context, adapters=stack)
     assert_close(outs[0.0], zero_update)

@@ -17,15 +17,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import nodes as pack
+from ComfyUI_CtrLoRA import nodes as pack
 
-from . import fake_models
-from .comfy_server import execution_error, output_images
+from testbed import fake_models
+from testbed.comfy_host import PACK_ROOT
+from testbed.comfy_server import execution_error, output_images
+from testbed.workflow_api import CORE_NODES, slots_from_object_info, to_api
 from .conftest import PACK_NAME
-from .workflow_api import CORE_NODES, slots_from_object_info, to_api
 
 EXAMPLES = {os.path.splitext(os.path.basename(p))[0]: p
-            for p in sorted(glob.glob(os.path.join(fake_models.ROOT, "example_workflows", "*.json")))}
+            for p in sorted(glob.glob(os.path.join(PACK_ROOT, "example_workflows", "*.json")))}
 SIZE, STEPS = 64, 2
 
 

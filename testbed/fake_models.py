@@ -1,4 +1,4 @@
-"""Random-weight, full-size model files for the ComfyUI integration tests and bench/comfy_step.py.
+"""Random-weight, full-size model files for the ComfyUI tests, the benches and the tools.
 
 No real weights can be downloaded where this project is tested, so the files are built
 from the real architectures with random values, in the layouts real files have:
@@ -19,7 +19,7 @@ every model visibly changes the output). Files are cached in
 ~/.cache/comfyui-ctrlora-tests/<VERSION>/ (or $CTRLORA_TEST_CACHE/<VERSION>) and
 rebuilt when VERSION changes. Building needs ComfyUI's classes:
 
-    COMFYUI_PATH=... <ComfyUI's python> tests/integration/fake_models.py [--cache DIR]
+    COMFYUI_PATH=... <ComfyUI's python> -m testbed.fake_models [--cache DIR]
 """
 from __future__ import annotations
 
@@ -28,8 +28,14 @@ import math
 import os
 import sys
 
+from ctrlora_core.config import ControlNetConfig
+from ctrlora_core.files import atomic_write
+from ctrlora_core.formats import CONTROL_PREFIX, save_adapter
+from ctrlora_core.random_weights import SMALL_CONFIG, random_adapter, random_base, save_random_base
+
+from .comfy_host import import_comfy
+
 VERSION = "1"
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"
 CONTROLNET = "control_sd15_random_fp16.safetensors"
@@ -100,7 +106,7 @@ def build_checkpoint(path: str, seed: int = 0) -> None:
     tensors = _random_state({"model.diffusion_model.": unet, "first_stage_model.": vae,
                              "cond_stage_model.transformer.text_model.": text_model}, seed, torch.float16)
     tensors["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
-    _atomic(lambda tmp: save_file(tensors, tmp), path)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp))
 
 
 def build_controlnet(path: str, seed: int = 1) -> None:
@@ -115,7 +121,7 @@ def build_controlnet(path: str, seed: int = 1) -> None:
         model = comfy.cldm.cldm.ControlNet(**config, hint_channels=3, device="meta",
                                            operations=comfy.ops.disable_weight_init)
     tensors = _random_state({"": model}, seed, torch.float16)
-    _atomic(lambda tmp: save_file(tensors, tmp), path)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp))
 
 
 def build_ctrlora_files(folder: str, seed: int = 2) -> None:
@@ -123,15 +129,10 @@ def build_ctrlora_files(folder: str, seed: int = 2) -> None:
     import torch
     from safetensors.torch import load_file
 
-    sys.path.insert(0, ROOT)
-    from ctrlora_core.config import ControlNetConfig
-    from ctrlora_core.formats import CONTROL_PREFIX, save_adapter
-    from ctrlora_core.random_weights import SMALL_CONFIG, random_adapter, random_base, save_random_base
-
     base = random_base(ControlNetConfig(), seed)
     staging = os.path.join(folder, ".base-staging.safetensors")
     save_random_base(staging, base)
-    _atomic(lambda tmp: torch.save(load_file(staging), tmp), os.path.join(folder, BASE))
+    atomic_write(os.path.join(folder, BASE), lambda tmp: torch.save(load_file(staging), tmp))
     os.remove(staging)
     save_adapter(random_adapter(base, LORA_RANK, seed + 1, "dental"), os.path.join(folder, DENTAL_LORA),
                  {"condition": "lighting_seg", "prompt_template": "a 3D dental model of {jaw} teeth, {view} view",
@@ -139,15 +140,9 @@ def build_ctrlora_files(folder: str, seed: int = 2) -> None:
     for name, offset in ((DEPTH_LORA, 2), (SEG_LORA, 3)):
         adapter = random_adapter(base, LORA_RANK, seed + offset, name)
         tensors = {CONTROL_PREFIX + k: v for k, v in adapter.tensors.items()}
-        _atomic(lambda tmp: torch.save(tensors, tmp), os.path.join(folder, name))
+        atomic_write(os.path.join(folder, name), lambda tmp: torch.save(tensors, tmp))
     small = random_base(SMALL_CONFIG, seed)
     save_adapter(random_adapter(small, 4, seed, "small"), os.path.join(folder, MISMATCHED_LORA))
-
-
-def _atomic(write, path: str) -> None:
-    tmp = path + ".partial"
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def ensure_files(folder: str) -> None:
@@ -169,10 +164,7 @@ def main() -> None:
     comfy_path = os.environ.get("COMFYUI_PATH")
     if not comfy_path:
         sys.exit("set COMFYUI_PATH to a ComfyUI checkout")
-    sys.path.append(comfy_path)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
+    import_comfy(comfy_path)
     folder = cache_dir(args.cache)
     ensure_files(folder)
     print(folder)

@@ -16,7 +16,7 @@ on a miniature configuration (see the README section "Demo"):
 Writes to --out: lora.safetensors, preview.png (condition | untrained | trained | target),
 report.md and report.json, samples/, data/ and the trainer's log.jsonl.
 
-    python train/demo.py --out demo_out
+    python demo/run_demo.py --out demo_out
 """
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -36,16 +35,18 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from ctrlora_core.adapters import CtrLoRAAdapter  # noqa: E402
-from ctrlora_core.formats import file_sha256, load_adapter  # noqa: E402
-from train import synth_dental, train_lora  # noqa: E402
-from train.backbone import sample_latent  # noqa: E402
-from train.backbone_tiny import TinyBackbone  # noqa: E402
+from ctrlora_core.conditions import tensor_to_image  # noqa: E402
+from ctrlora_core.files import atomic_write, file_sha256  # noqa: E402
+from ctrlora_core.formats import load_adapter  # noqa: E402
+from demo import synth_dental  # noqa: E402
+from train import train_lora  # noqa: E402
+from train.backbones.backbone import sample_latent  # noqa: E402
+from train.backbones.tiny import TinyBackbone  # noqa: E402
 from train.dataset import check_dataset, load_pair  # noqa: E402
 from train.latent_cache import cached_prompts, encode_pairs  # noqa: E402
-from train.validate import psnr, sample_latents, ssim  # noqa: E402
+from train.metrics import psnr, ssim  # noqa: E402
+from train.sampling import sample_images  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_WEIGHTS = ROOT / "demo" / "weights"
@@ -61,7 +62,7 @@ def check_weights(folder: Path) -> None:
     sums = folder / "SHA256SUMS"
     if not sums.is_file():
         raise SystemExit(f"error: {sums} is missing; the demo needs the committed miniature weights "
-                         "(or run: python train/pretrain_demo.py --out demo/weights)")
+                         "(or run: python demo/pretrain_demo.py --out demo/weights)")
     for line in sums.read_text().splitlines():
         digest, name = line.split(maxsplit=1)
         path = folder / name
@@ -86,8 +87,8 @@ def evaluate(backbone: TinyBackbone, adapters: dict[str, CtrLoRAAdapter], data_d
     samples = {}
     for name, adapter in adapters.items():
         started = time.time()
-        z = sample_latents(backbone, adapter, hints, context, prompts.embeddings[:1], sample_steps, cfg, seed)
-        samples[name] = ((backbone.decode(z) + 1.0) / 2.0).clamp(0.0, 1.0).cpu()
+        samples[name] = sample_images(backbone, adapter, hints, context, prompts.embeddings[:1], sample_steps, cfg,
+                                      seed)
         log(f"sampled {len(pairs)} held-out pairs with the {name} LoRA ({time.time() - started:.0f} s)")
     images = [load_pair(p) for p in pairs]
     conditions = torch.stack([c for c, _ in images])
@@ -101,14 +102,9 @@ def metrics(samples: torch.Tensor, targets: torch.Tensor) -> dict[str, list[floa
     return {"mse": mse.tolist(), "psnr": psnr(samples, targets).tolist(), "ssim": ssim(samples, targets).tolist()}
 
 
-def to_pixels(images: torch.Tensor) -> np.ndarray:
-    """[B, 3, H, W] in [0, 1] -> uint8 [B, H, W, 3]."""
-    return (images.permute(0, 2, 3, 1).numpy() * 255.0).round().clip(0, 255).astype(np.uint8)
-
-
 def save_preview(path: Path, columns: dict[str, torch.Tensor], rows: int, zoom: int = 3) -> None:
     """A labelled grid: one column per entry of `columns`, one row per held-out pair."""
-    blocks = [to_pixels(images[:rows]) for images in columns.values()]
+    blocks = [tensor_to_image(images[:rows], layout="BCHW") for images in columns.values()]
     _, h, w, _ = blocks[0].shape
     header = 14
     grid = Image.new("RGB", (len(blocks) * w * zoom, header + rows * h * zoom), "white")
@@ -118,9 +114,7 @@ def save_preview(path: Path, columns: dict[str, torch.Tensor], rows: int, zoom: 
         for row in range(rows):
             tile = Image.fromarray(block[row]).resize((w * zoom, h * zoom), Image.NEAREST)
             grid.paste(tile, (col * w * zoom, header + row * h * zoom))
-    tmp = path.with_suffix(".tmp.png")
-    grid.save(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 
 def write_report(out: Path, report: dict) -> None:
@@ -216,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
     log("4/4 writing preview.png and the report")
     for key, images in samples.items():
         (out / "samples" / key).mkdir(parents=True, exist_ok=True)
-        for name, pixels in zip(names, to_pixels(images)):
+        for name, pixels in zip(names, tensor_to_image(images, layout="BCHW")):
             Image.fromarray(pixels).save(out / "samples" / key / name)
     save_preview(out / "preview.png", {"condition": conditions, "untrained": samples["untrained"],
                                        "trained": samples["trained"], "target": targets},

@@ -1,6 +1,6 @@
 """Miniature versions of the three frozen SD1.5 models, for the bundled demo and the tests.
 
-Public API (stable; the demo pretrains these classes and `backbone_tiny.py` loads them):
+Public API (stable; the demo pretrains these classes and `tiny.py` loads them):
 
 - `TINY_CONFIG`: the demo's `ControlNetConfig` (4 levels, 13 residuals, context width 64).
 - `TinyUNet(config=TINY_CONFIG, out_channels=4)`: an SD-layout UNet (`time_embed`,
@@ -13,11 +13,9 @@ Public API (stable; the demo pretrains these classes and `backbone_tiny.py` load
 - `TinyTextEncoder(width=64, layers=2, heads=4, max_length=32, vocab_size=4096)`: hashed
   word tokens + a small transformer; `tokenize(prompts)`, `forward(tokens)`, `encode(prompts)`;
   `.settings` = its constructor arguments.
-- `controlnet_from_unet(unet)`: a `CtrLoRAControlNet` whose trunk is a copy of the UNet
-  encoder and whose zero convs are zero, as the official base pretraining starts.
 
-The UNet's encoder has exactly the ControlNet's parameter names, so the copy is a plain
-state-dict load.
+The UNet's encoder has exactly the ControlNet's parameter names, so a Base ControlNet can be
+started from it by a plain state-dict load (`demo/pretrain_demo.py` does).
 """
 from __future__ import annotations
 
@@ -34,8 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from ctrlora_core.blocks import (CrossAttention, EmbedSequential, FeedForward, ResBlock, SpatialTransformer,
                                  Upsample, spatial_transformer, timestep_embedding, unet_encoder)
 from ctrlora_core.config import ControlNetConfig
-from ctrlora_core.controlnet import CtrLoRAControlNet
-from ctrlora_core.ops import build_ops
+from ctrlora_core.layers import build_ops
 
 TINY_CONFIG = ControlNetConfig(model_channels=32, channel_mult=(1, 2, 2, 2), context_dim=64)
 
@@ -246,17 +243,3 @@ class TinyTextEncoder(nn.Module):
         """Embeddings of prompts (tokenize + forward) on the encoder's device."""
         return self(self.tokenize(prompts).to(self.position_embedding.device))
 
-
-def controlnet_from_unet(unet: TinyUNet) -> CtrLoRAControlNet:
-    """A Base ControlNet initialised as official pretraining starts: UNet encoder copied, zero convs zero."""
-    model = CtrLoRAControlNet(unet.config)
-    encoder = {k: v for k, v in unet.state_dict().items()
-               if k.startswith(("time_embed.", "input_blocks.", "middle_block."))}
-    missing, unexpected = model.load_state_dict(encoder, strict=False)
-    if unexpected or any(not k.startswith(("zero_convs.", "middle_block_out.")) for k in missing):
-        raise RuntimeError(f"UNet encoder does not match the ControlNet: missing {missing}, unexpected {unexpected}")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.startswith(("zero_convs.", "middle_block_out.")):
-                p.zero_()
-    return model

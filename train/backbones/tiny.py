@@ -9,7 +9,7 @@ Public API (stable; the demo builds, saves and loads it, the trainer trains on i
   holding `tiny_config.json`, `unet.safetensors`, `autoencoder.safetensors`,
   `text_encoder.safetensors` and `base.safetensors` (the CtrLoRA base in the official layout,
   loadable with `ctrlora_core.formats.load_base(path, num_heads=config.num_heads)`).
-- The `Backbone` protocol (`train/backbone.py`): `encode_moments`, `encode_text`,
+- The `Backbone` protocol (`train/backbones/backbone.py`): `encode_moments`, `encode_text`,
   `predict_noise`, `decode`, `latent_scale`, `controlnet`, `device`; plus `identity` (a string
   naming the weights, part of the latent-cache key), `set_gradient_checkpointing(flag)`,
   `compile_unet()` and `release_encoders()` (autoencoder and text encoder to the CPU once the
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -27,9 +27,10 @@ from safetensors.torch import load_file
 
 from ctrlora_core.config import ControlNetConfig
 from ctrlora_core.controlnet import CtrLoRAControlNet
-from ctrlora_core.formats import CONTROL_PREFIX, atomic_save_safetensors, load_base
+from ctrlora_core.files import atomic_write, file_stamp
+from ctrlora_core.formats import CONTROL_PREFIX, load_base, save_safetensors
 from ctrlora_core.random_weights import randomize_, random_base
-from train.tiny_models import TINY_CONFIG, TinyAutoencoder, TinyTextEncoder, TinyUNet
+from train.backbones.tiny_models import TINY_CONFIG, TinyAutoencoder, TinyTextEncoder, TinyUNet
 
 CONFIG_FILE = "tiny_config.json"
 WEIGHT_FILES = {"unet": "unet.safetensors", "autoencoder": "autoencoder.safetensors",
@@ -86,8 +87,8 @@ class TinyBackbone:
             model.load_state_dict(load_file(os.path.join(folder, WEIGHT_FILES[name])))
         base_path = os.fspath(base_path) if base_path is not None else os.path.join(folder, BASE_FILE)
         controlnet = load_base(base_path, num_heads=unet_config.num_heads)
-        stamps = [_file_stamp(os.path.join(folder, f)) for f in (CONFIG_FILE, *WEIGHT_FILES.values())]
-        identity = f"tiny:{os.path.abspath(folder)}:{stamps}:base={_file_stamp(base_path)}"
+        stamps = [file_stamp(os.path.join(folder, f)) for f in (CONFIG_FILE, *WEIGHT_FILES.values())]
+        identity = f"tiny:{stamps}:base={file_stamp(base_path)}"
         return cls(models["unet"], models["autoencoder"], models["text_encoder"], controlnet,
                    latent_scale=settings["latent_scale"], device=device, identity=identity)
 
@@ -99,13 +100,11 @@ class TinyBackbone:
                     "text_encoder": self.text_encoder.settings, "latent_scale": self.latent_scale}
         models = {"unet": self.unet, "autoencoder": self.autoencoder, "text_encoder": self.text_encoder}
         for name, model in models.items():
-            atomic_save_safetensors(model.state_dict(), os.path.join(folder, WEIGHT_FILES[name]))
-        atomic_save_safetensors({CONTROL_PREFIX + k: v for k, v in self.controlnet.state_dict().items()},
-                                os.path.join(folder, BASE_FILE))
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(settings, f, indent=2)
-        os.replace(tmp, os.path.join(folder, CONFIG_FILE))
+            save_safetensors(model.state_dict(), os.path.join(folder, WEIGHT_FILES[name]))
+        save_safetensors({CONTROL_PREFIX + k: v for k, v in self.controlnet.state_dict().items()},
+                         os.path.join(folder, BASE_FILE))
+        text = json.dumps(settings, indent=2)
+        atomic_write(os.path.join(folder, CONFIG_FILE), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute UNet blocks during backward (less memory, more compute)."""
@@ -138,9 +137,3 @@ class TinyBackbone:
         device = next(self.autoencoder.parameters()).device
         images = self.autoencoder.decode(latents.to(device, torch.float32) / self.latent_scale)
         return images.clamp(-1.0, 1.0).to(latents.device)
-
-
-def _file_stamp(path: str) -> str:
-    """Size and modification time of a file (a cheap identity for cache keys)."""
-    st = os.stat(path)
-    return f"{os.path.basename(path)}:{st.st_size}:{st.st_mtime_ns}"

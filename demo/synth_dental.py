@@ -25,24 +25,21 @@ The demo condition is `blend_lighting_seg(lighting, seg)`. File names follow the
 dental naming scheme (`upper_front_0001.png`), so prompts come from
 `ctrlora_core.prompts`. Everything is deterministic given (seed, index).
 
-CLI: python train/synth_dental.py --out data/synth --count 200 --size 64
+CLI: python demo/synth_dental.py --out data/synth --count 200 --size 64
 """
 from __future__ import annotations
 
 import argparse
 import colorsys
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from ctrlora_core.conditions import blend_lighting_seg  # noqa: E402
-from ctrlora_core.prompts import JAWS, VIEWS  # noqa: E402
+from ctrlora_core.conditions import blend_lighting_seg
+from ctrlora_core.prompts import JAWS, VIEWS
 
 # Tooth types from the midline backwards: width (mesiodistal), depth (buccolingual),
 # crown height and number of cusps; sizes in decimetres of a real adult arch (1 = 10 cm).

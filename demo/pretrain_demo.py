@@ -23,7 +23,7 @@ unet/autoencoder/text_encoder/base .safetensors, stored as float16), one base-co
 per pretraining condition (lora_<condition>.safetensors, the way official base-condition LoRAs
 are exported), pretrain_log.json (settings, losses, timings) and SHA256SUMS.
 
-    python train/pretrain_demo.py --out demo/weights      # ~35 min on 2 CPU cores
+    python demo/pretrain_demo.py --out demo/weights      # ~35 min on 2 CPU cores
 
 Seeds are fixed (each stage has its own random stream); the same torch version and thread
 count reproduce the same weights. With --work DIR, the autoencoder and the UNet + text
@@ -37,7 +37,6 @@ import json
 import math
 import os
 import platform
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,17 +52,16 @@ import torch.nn.functional as F  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from ctrlora_core.adapter_stack import AdapterStack  # noqa: E402
-from ctrlora_core.adapters import CtrLoRAAdapter  # noqa: E402
-from ctrlora_core.formats import atomic_save_safetensors, file_sha256, save_adapter  # noqa: E402
+from ctrlora_core.adapters import CtrLoRAAdapter, stack_adapters  # noqa: E402
+from ctrlora_core.controlnet import CtrLoRAControlNet  # noqa: E402
+from ctrlora_core.files import file_sha256  # noqa: E402
+from ctrlora_core.formats import save_adapter, save_safetensors  # noqa: E402
 from ctrlora_core.prompts import PromptTemplate  # noqa: E402
 from ctrlora_core.schedule import NoiseSchedule  # noqa: E402
-from train import synth_dental  # noqa: E402
-from train.backbone import sample_latent  # noqa: E402
-from train.backbone_tiny import TinyBackbone  # noqa: E402
-from train.tiny_models import TINY_CONFIG, TinyAutoencoder, TinyTextEncoder, TinyUNet, controlnet_from_unet  # noqa: E402
+from demo import synth_dental  # noqa: E402
+from train.backbones.backbone import sample_latent  # noqa: E402
+from train.backbones.tiny import TinyBackbone  # noqa: E402
+from train.backbones.tiny_models import TINY_CONFIG, TinyAutoencoder, TinyTextEncoder, TinyUNet  # noqa: E402
 
 PRETRAIN_SEED = 1  # the demo's dataset uses seed 0
 BASE_CONDITIONS = ("depth", "normal", "edges")
@@ -106,7 +104,7 @@ def cached_stage(work: Path | None, name: str, key: dict, build: Callable[[], di
                 return load_file(str(path))
     tensors = build()
     if path is not None:
-        atomic_save_safetensors(tensors, path, {"key": key_text})
+        save_safetensors(tensors, path, {"key": key_text})
     return tensors
 
 
@@ -237,6 +235,21 @@ def task_adapter(base: torch.nn.Module, lora: dict[str, torch.Tensor], name: str
     return CtrLoRAAdapter(tensors, name=name)
 
 
+def controlnet_from_unet(unet: TinyUNet) -> CtrLoRAControlNet:
+    """A Base ControlNet initialised as official pretraining starts: UNet encoder copied, zero convs zero."""
+    model = CtrLoRAControlNet(unet.config)
+    encoder = {k: v for k, v in unet.state_dict().items()
+               if k.startswith(("time_embed.", "input_blocks.", "middle_block."))}
+    missing, unexpected = model.load_state_dict(encoder, strict=False)
+    if unexpected or any(not k.startswith(("zero_convs.", "middle_block_out.")) for k in missing):
+        raise RuntimeError(f"UNet encoder does not match the ControlNet: missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith(("zero_convs.", "middle_block_out.")):
+                p.zero_()
+    return model
+
+
 def train_base(unet: TinyUNet, text_encoder: TinyTextEncoder, target_moments: torch.Tensor,
                hint_moments: dict[str, torch.Tensor], prompts: list[str], latent_scale: float, s: Settings,
                generator: torch.Generator):
@@ -258,7 +271,7 @@ def train_base(unet: TinyUNet, text_encoder: TinyTextEncoder, target_moments: to
         t = torch.randint(schedule.num_timesteps, (s.batch,), generator=generator)
         context = torch.cat([contexts[p] for p in drop_prompts([prompts[i] for i in idx], s.base_prompt_drop,
                                                                 generator)])
-        stack = AdapterStack.build([task_adapter(base, loras[task], task)])
+        stack = stack_adapters([task_adapter(base, loras[task], task)])
         control = base(hint, t, context, stack)
         return F.mse_loss(unet(schedule.q_sample(x0, t, noise), t, context, control), noise)
 

@@ -1,9 +1,9 @@
 """What the trainer needs from a diffusion model, independent of where the model comes from.
 
 Two implementations exist:
-- `train/backbone_comfy.py`: a real SD1.5-family checkpoint loaded through ComfyUI
+- `train/backbones/comfy.py`: a real SD1.5-family checkpoint loaded through ComfyUI
   (UNet, VAE, CLIP) + an official CtrLoRA base;
-- `train/backbone_tiny.py`: the miniature models of the bundled demo (same classes from
+- `train/backbones/tiny.py`: the miniature models of the bundled demo (same classes from
   ctrlora_core at small sizes, a small autoencoder and text encoder).
 
 The training loop only talks to this interface, so both run the same code.

@@ -28,6 +28,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ctrlora_core.errors import CtrLoRAError
+from ctrlora_core.files import file_stamp
 from ctrlora_core.formats import load_base
 
 CLIP_TOKENS = 77
@@ -40,7 +41,7 @@ def find_comfyui(explicit: str | None = None) -> Path:
         candidates.append(("--comfyui", Path(explicit)))
     if os.environ.get("COMFYUI_PATH"):
         candidates.append(("$COMFYUI_PATH", Path(os.environ["COMFYUI_PATH"])))
-    pack = Path(__file__).absolute().parent.parent
+    pack = Path(__file__).absolute().parents[2]
     if pack.parent.name == "custom_nodes":
         candidates.append(("the pack's location", pack.parent.parent))
     for source, path in candidates:
@@ -104,8 +105,7 @@ class ComfyBackbone:
         if context_dim != self.controlnet.config.context_dim:
             raise CtrLoRAError(f"{base}: the base expects text width {self.controlnet.config.context_dim}, the "
                                f"checkpoint {checkpoint_path} gives {context_dim} (not an SD1.5-family pair)")
-        st = os.stat(checkpoint_path)
-        self.identity = f"comfy:{os.path.abspath(checkpoint_path)}:{st.st_size}:{st.st_mtime_ns}"
+        self.identity = f"comfy:{file_stamp(checkpoint_path)}"
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute the UNet decoder's ResBlocks and transformers in backward (the encoder keeps no activations)."""

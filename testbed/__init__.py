@@ -1,0 +1,1 @@
+"""Test bed shared by tests, benches and tools: random full-size model files and a headless ComfyUI."""
