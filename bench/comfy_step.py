@@ -309,7 +309,8 @@ def subprocess_json(mode: list[str], args: argparse.Namespace, env: dict | None 
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
-        sys.exit(f"{' '.join(mode)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        sys.exit(f"{' '.join(mode)} failed (exit status {done.returncode}; -9: killed, e.g. out of memory):\n"
+                 f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return json.loads(lines[-1][len("RESULT "):])
 
 
@@ -318,7 +319,8 @@ def summarise(name: str, runs: list[dict]) -> dict:
     out = dict(runs[0])
     out["steps"] = [steps for run in runs for steps in run["steps"]]
     means = [sum(steps) / len(steps) for steps in out["steps"]]
-    out.update(s_per_step=min(means), s_per_step_runs=means, cpu_share=[run["cpu_share"] for run in runs])
+    out.update(s_per_step=min(means, default=None), s_per_step_runs=means,
+               cpu_share=[run["cpu_share"] for run in runs])
     return out
 
 
@@ -328,7 +330,7 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--res", type=int, default=256, help="image size in px (default 256)")
     parser.add_argument("--steps", type=int, default=6, help="steps of the timed run (steps 2..N are averaged)")
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per process (default 2)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per process (default 2; 0 = memory only)")
     parser.add_argument("--rounds", type=int, default=2, help="fresh processes per case, cases taking turns")
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES), help="cases to run (all)")
     parser.add_argument("--queue", type=int, default=50, help="prompts of the memory-over-a-queue check (0 = skip)")
@@ -370,7 +372,8 @@ def main() -> None:
             r["control_peak_bytes"] = r["peak_bytes"] - results["txt2img"]["peak_bytes"]
             r["control_resident_bytes"] = r["resident_bytes"] - results["txt2img"]["resident_bytes"]
     for case, r in results.items():
-        print(f"{case:<15} {r['s_per_step']:7.3f} s/step   peak +{r['peak_bytes'] / 2**30:5.2f} GiB   resident "
+        step = "    n/a" if r["s_per_step"] is None else f"{r['s_per_step']:7.3f}"
+        print(f"{case:<15} {step} s/step   peak +{r['peak_bytes'] / 2**30:5.2f} GiB   resident "
               f"+{r['resident_bytes'] / 2**30:5.2f} GiB (cache {r['residual_cache_bytes'] / 2**20:4.0f} MiB)   "
               f"control weights {r['control_weight_bytes'] / 2**30:5.2f} GiB   CPU share "
               f"{min(r['cpu_share']):.2f}", flush=True)
@@ -382,7 +385,7 @@ def main() -> None:
                   f"{b['step_s'] - b['get_control_s']:.3f} s")
     ratios, targets = {}, {}
     for name, (case, over, key, target) in RATIOS.items():
-        ok = case in results and over in results and key in results[case] and results[over][key]
+        ok = case in results and over in results and results[case].get(key) is not None and results[over].get(key)
         ratios[name] = results[case][key] / results[over][key] if ok else None
         targets[name] = target
         shown = "n/a" if ratios[name] is None else f"{ratios[name]:.3f}"
