@@ -22,6 +22,12 @@ from pathlib import Path
 
 import torch
 
+try:  # installed by name (`pip install -e .`); a clear message instead of a bare ModuleNotFoundError
+    import ctrlora_core  # noqa: F401
+except ModuleNotFoundError:
+    sys.exit("error: the pack is not installed in this Python; run once: "
+             "python -m pip install --no-deps -e <the pack's folder>   (README: Trainer > Install)")
+
 from ctrlora_core.adapters import CtrLoRAAdapter
 from ctrlora_core.errors import CtrLoRAError
 from ctrlora_core.formats import load_adapter

@@ -36,6 +36,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
+try:  # installed by name (`pip install -e .`); a clear message instead of a bare ModuleNotFoundError
+    import ctrlora_core  # noqa: F401
+except ModuleNotFoundError:
+    sys.exit("error: the pack is not installed in this Python; run once: "
+             "python -m pip install --no-deps -e <the pack's folder>   (README: Trainer > Install)")
+
 from ctrlora_core.adapters import CtrLoRAAdapter, stack_adapters
 from ctrlora_core.errors import CtrLoRAError
 from ctrlora_core.files import atomic_write, file_sha256
