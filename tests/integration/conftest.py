@@ -73,12 +73,13 @@ def write_input_images(folder: str) -> dict[str, str]:
     radius = np.hypot((x - cx) / (width * 0.45), (y - cy) / (height * 0.8))
     arch = (radius > 0.55) & (radius < 1.0)
     shade = np.clip(1.2 - radius, 0, 1) * arch
-    teeth = (np.floor(np.arctan2(y - cy, x - cx) * 7) % 6).astype(int)
-    palette = np.array([[230, 80, 80], [80, 200, 90], [70, 110, 230], [230, 200, 60], [170, 80, 200],
-                        [60, 200, 200]], dtype=np.uint8)
+    # the user's flat segmentation colours: teeth, gums (the outer rim and between teeth), dark grey background
+    palette = np.array([[196, 196, 116], [204, 68, 44], [56, 56, 56]], dtype=np.uint8)
+    between_teeth = (np.arctan2(y - cy, x - cx) * 2.5) % 1 < 0.1
+    region = np.where(arch, np.where((radius > 0.85) | between_teeth, 1, 0), 2)
     images = {
         "upper_front_lighting.png": np.repeat((shade * 255).astype(np.uint8)[..., None], 3, axis=2),
-        "upper_front_seg.png": palette[teeth] * arch[..., None].astype(np.uint8),
+        "upper_front_seg.png": palette[region],
         "upper_front_depth.png": np.repeat((np.clip(1 - radius, 0, 1) * arch * 255).astype(np.uint8)[..., None],
                                            3, axis=2),
     }
