@@ -5,12 +5,13 @@ nearest palette colour within a tolerance) and the loss weight of every latent p
 
     W = 1 + sum over weighted regions r of M_r * (w_r - 1),     loss = mean(W * (eps - eps_hat)^2)
 
-(mean over batch, channels and positions). W lives on the latent grid: the masks are resized
-bilinearly (antialiased, so a region thinner than 8 pixels still counts with its area) from
-the image to the latent size. Resizing is linear, so resizing the masks and then forming W
-equals resizing W; the latent cache keeps the resized masks (`latent_masks`) and the weights
-may change without re-encoding. Pixels in no region (far from every palette colour) and the
-regions without a weight have weight 1.
+(mean over batch, channels and positions). W lives on the latent grid: it is resized
+bilinearly from the image to the latent size, as the recipe says (`F.interpolate`, bilinear,
+align_corners False, no antialiasing: at SD's 8x reduction a latent position takes the mean
+of the 2x2 pixels at the centre of its 8x8 cell). Resizing is linear, so resizing the masks
+and then forming W equals resizing W; the latent cache keeps the resized masks
+(`latent_masks`) and the weights may change without re-encoding. Pixels in no region (far
+from every palette colour) and the regions without a weight have weight 1.
 """
 from __future__ import annotations
 
@@ -110,7 +111,7 @@ def latent_masks(seg: np.ndarray, regions: RegionWeights, size: tuple[int, int])
     of the weighted regions of a segmentation map (float HWC in [0, 1])."""
     masks = region_masks(seg, dict(regions.palette), regions.tolerance)
     full = torch.from_numpy(np.stack([masks[name] for name in regions.names])).float()  # [R, H, W]
-    resized = F.interpolate(full[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+    resized = F.interpolate(full[None], size=size, mode="bilinear", align_corners=False)[0]
     return resized.clamp(0.0, 1.0), full.flatten(1).sum(1).long()
 
 
