@@ -58,8 +58,10 @@ def test_js_lists_the_same_words():
 
 def test_file_names_parse_the_same():
     got = run_js("prompt.js", """
-        return data.map((name) => { try { const t = lib.parseDentalName(name); return `${t.jaw}/${t.view}/${t.viewDetail}`; }
-                                    catch (err) { return null; } });
+        return data.map((name) => {
+            try { const t = lib.parseDentalName(name); return `${t.jaw}/${t.view}/${t.viewDetail}`; }
+            catch (err) { return null; }
+        });
     """, FILE_NAMES)
     assert dict(zip(FILE_NAMES, got)) == {name: _python("parse", name) for name in FILE_NAMES}
     assert sum(v is not None for v in got) >= 20 and sum(v is None for v in got) >= 6  # both kinds
@@ -69,7 +71,9 @@ def test_file_names_parse_the_same():
 def test_parse_errors_carry_the_same_message():
     names = ["", "upper.png", "front_upper_1.png", "upper_lower_front.png", "lighting_patient7_bottom.png"]
     got = run_js("prompt.js", """
-        return data.map((name) => { try { lib.parseDentalName(name); return null; } catch (err) { return err.message; } });
+        return data.map((name) => {
+            try { lib.parseDentalName(name); return null; } catch (err) { return err.message; }
+        });
     """, names)
     expected = []
     for name in names:
