@@ -54,10 +54,17 @@ class LoRAHandle:
         return load_adapter(self.path)
 
     def summary(self) -> str:
-        """One line for the node: name, rank and the file's condition when its metadata has one."""
+        """One line for the node: name, rank, and from the file's metadata when it has them the
+        condition, the maps and blend it was trained on and its loss's region weights."""
         parts = [self.name, f"rank {self.info.get('rank', '?')}"]
         if self.info.get("condition"):
             parts.append(f"condition {self.info['condition']}")
+        if self.info.get("maps"):
+            maps = str(self.info["maps"]).replace(",", "+")
+            blend = f"{self.info.get('blend_mode', '?')} blend {self.info.get('blend_alpha', '?')}"
+            parts.append(f"maps {maps} ({blend})" if "," in str(self.info["maps"]) else f"maps {maps}")
+        if self.info.get("region_weights"):
+            parts.append(f"region weights {self.info['region_weights']}")
         if self.strength != 1.0:
             parts.append(f"strength {self.strength:g}")
         return ", ".join(parts)
