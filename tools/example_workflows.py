@@ -202,6 +202,9 @@ def _dental_condition_image(g: Graph, note: Node, *more_inputs: Node) -> Node:
     blend = g.add("CtrLoRABlendLightingSeg", [BLEND_ALPHA, "alpha"])
     g.link(lighting, 0, blend, "lighting")
     g.link(seg, 0, blend, "segmentation")
+    # Load Image's MASK carries the map's transparency: the blend flattens transparent maps as the trainer does
+    g.link(lighting, 1, blend, "lighting_mask")
+    g.link(seg, 1, blend, "segmentation_mask")
     preview = g.add("PreviewImage", [], title="Condition image")
     g.link(blend, 0, preview, "images")
     column(0, note, lighting, seg)
