@@ -337,18 +337,80 @@ def test_low_vram_loading_patches_per_forward_with_the_same_result(lib, files, v
     base.patcher.unpatch_model(torch.device("cpu"))
 
 
+def core_control_residuals(lib, files, names, hints, timestep, context, dtype):
+    """ComfyUI's own ControlNet (comfy.cldm) on the same trunk, as core would run these conditions.
+
+    One cldm ControlNet per condition, its LoRA merged into the trunk in float32 (as ModelPatcher
+    merges), in `dtype` with ComfyUI's ops for it. The CtrLoRA base has no hint block, so the hint
+    path is all zeros (cldm adds nothing) and the condition latent goes where cldm takes x. The
+    residuals are summed over the conditions (condition weights 1.0).
+    """
+    from comfy.cldm.cldm import ControlNet
+
+    cfg = SMALL_CONFIG
+    depth = [cfg.transformer_depth if attention else 0
+             for attention, blocks in zip(cfg.attention_levels, cfg.num_res_blocks) for _ in range(blocks)]
+    trunk = load_base(files["base"]).state_dict()
+    total = None
+    for name, hint in zip(names, hints):
+        adapter = load_adapter(files[name])
+        weights = dict(trunk)
+        for module in adapter.lora_modules():
+            down, up = adapter.lora_pair(module)
+            weights[module + ".weight"] = trunk[module + ".weight"] + up @ down
+        for module in adapter.set_modules():
+            weights[module + ".weight"], weights[module + ".bias"] = adapter.set_pair(module)
+        model = ControlNet(image_size=32, in_channels=cfg.in_channels, hint_channels=3,
+                           model_channels=cfg.model_channels, num_res_blocks=list(cfg.num_res_blocks),
+                           channel_mult=cfg.channel_mult, transformer_depth=depth,
+                           transformer_depth_middle=cfg.transformer_depth, context_dim=cfg.context_dim,
+                           num_heads=cfg.num_heads, use_spatial_transformer=True,
+                           use_linear_in_transformer=cfg.use_linear_in_transformer, legacy=False,
+                           dtype=dtype, device="cpu", operations=lib.comfy.ops.pick_operations(dtype, None))
+        weights = {k: v.to(dtype) for k, v in weights.items()}
+        weights.update({k: torch.zeros_like(v) for k, v in model.state_dict().items()
+                        if k.startswith("input_hint_block.")})
+        model.load_state_dict(weights)
+        no_hint = torch.zeros(hint.shape[0], 3, 8 * hint.shape[-2], 8 * hint.shape[-1], dtype=dtype)
+        with torch.no_grad():
+            out = model(hint.to(dtype), no_hint, timestep, context.to(dtype))
+        out = out["output"] + out["middle"]
+        total = out if total is None else [a + b for a, b in zip(total, out)]
+    return total
+
+
+def rms_drift(half: list[torch.Tensor], single: list[torch.Tensor]) -> float:
+    """Mean over residuals of ||half - single|| / ||single|| (in float64)."""
+    return sum(float((h.double() - s.double()).norm() / s.double().norm()) for h, s in zip(half, single)) / len(single)
+
+
 def test_half_precision_weights_and_compute(lib, files, vae, image, monkeypatch):
-    """As on a GPU that computes in fp16: fp16 weights, no manual cast (ResBlock norms run in fp32)."""
+    """As on a GPU that computes in fp16: fp16 weights, no manual cast (ResBlock norms run in fp32).
+
+    The fp16 error is held against what ComfyUI's own ControlNet loses on the same weights and
+    inputs, not against a fixed bound: how much a random network amplifies rounding depends on
+    the draw and on the CPU's kernels. Ours may lose at most 1.5 x core's (rms over residuals).
+    32 x 32 latents: at 8 x 8 the deepest level is 1 x 1, its GroupNorms normalise 2 values per
+    group (a sign function), and any rounding flips outputs at random, ours or core's alike.
+    """
     positive, negative, context = conditioning()
-    x = torch.randn(2, 4, 8, 8)
+    x = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(3))
     monkeypatch.setattr(lib.mm, "unet_manual_cast", lambda *args, **kwargs: None)
     results = {}
     for dtype in (torch.float16, torch.float32):
         base = lib.base_model.load_base_handle(files["base"], dtype=dtype)
         assert base.compute_dtype == dtype and next(base.module.parameters()).dtype == dtype
         pos, _ = apply(lib, base, conditions(lib, files, ["a", "b"], image), vae, positive, negative)
-        (out,), _, _ = sample_step(lib, [top_control(pos)], x, context=context)
+        control = top_control(pos)
+        (out,), timestep, _ = sample_step(lib, [control], x, context=context)
         results[dtype] = flat(out)
-    for half, single in zip(results[torch.float16], results[torch.float32]):
+        hints = [latent.expand(2, -1, -1, -1) for latent in control._latents]
+    for half in results[torch.float16]:
         assert half.dtype == torch.float16 and torch.isfinite(half).all()
-        assert (half.float() - single).abs().max() <= 5e-2 * single.abs().max()
+    core = {dtype: core_control_residuals(lib, files, ["a", "b"], hints, timestep, context, dtype)
+            for dtype in (torch.float16, torch.float32)}
+    assert_close(results[torch.float32], core[torch.float32], rel=1e-4)  # the same function in float32
+    ours = rms_drift(results[torch.float16], results[torch.float32])
+    theirs = rms_drift(core[torch.float16], core[torch.float32])
+    print(f"fp16 vs fp32 residual drift (rms, relative): CtrLoRA {ours:.3e}, ComfyUI ControlNet {theirs:.3e}")
+    assert ours <= 1.5 * theirs + 1e-4, f"fp16 drift {ours:.2e} vs ComfyUI's ControlNet {theirs:.2e}"
