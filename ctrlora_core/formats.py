@@ -215,8 +215,12 @@ def load_base(path: str | os.PathLike, host_ops: Any = None, num_heads: int = SD
                               "VAE latent of the condition", summary.path)
     config = infer_config(trunk_shapes, num_heads=num_heads)
     with torch.device("meta"):
-        model = CtrLoRAControlNet(config, host_ops)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        # The key check uses plain torch layers: a host's layers may create their weights
+        # only when they are loaded (ComfyUI's Linear under dynamic VRAM), so the model to
+        # load can list fewer keys now than it will hold.
+        reference = CtrLoRAControlNet(config)
+        model = reference if host_ops is None else CtrLoRAControlNet(config, host_ops)
+    expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
     missing = sorted(set(expected) - set(trunk_shapes))
     unexpected = sorted(set(trunk_shapes) - set(expected))
     if missing or unexpected:
@@ -230,6 +234,8 @@ def load_base(path: str | os.PathLike, host_ops: Any = None, num_heads: int = SD
     raw = read_tensors(summary.path, [summary.prefix + k for k in trunk_shapes])
     trunk = {k[len(summary.prefix):]: v for k, v in raw.items()}
     _check_values(trunk, summary.path)
+    # cast before loading and assign: every layer then holds exactly these tensors, whether
+    # it copies into weights it made or takes the tensors it is given
     model.load_state_dict({k: v.to(device, dtype) for k, v in trunk.items()}, assign=True)
     model.eval().requires_grad_(False)
     model.source_path = summary.path

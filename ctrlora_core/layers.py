@@ -21,6 +21,11 @@ exactly like its host class, so the base weights are never copied or rewritten.
 With float16/bfloat16 compute the adapter arithmetic (low-rank update and sum, merged weight,
 zero-conv matmul and bias, norm and affine) accumulates in float32 and is rounded once, like
 the fused host layer it stands for; in float32 the ops are the same as without that rule.
+
+Code that needs a Linear's weight itself (the merged inference path) asks the host for it
+through `cast_weights` (see `build_ops`): a host may keep weights offloaded, in another
+dtype, or add its own weight patches when it casts them for a forward, so reading
+`layer.weight` directly could see the wrong device or miss those patches.
 """
 from __future__ import annotations
 
@@ -77,7 +82,15 @@ def _per_adapter(y: torch.Tensor, n: int) -> torch.Tensor:
     return y.reshape(n, y.shape[0] // n, *y.shape[1:])
 
 
-def _make_lora_linear(base: type) -> type:
+@contextlib.contextmanager
+def plain_cast_weights(layer: nn.Module, dtype: torch.dtype,
+                       device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """The default `cast_weights`: the layer's own weight and bias in `dtype` on `device`."""
+    bias = None if layer.bias is None else layer.bias.to(device, dtype)
+    yield layer.weight.to(device, dtype), bias
+
+
+def _make_lora_linear(base: type, cast_weights: Any) -> type:
     class LoRALinear(base, _AdapterSlot):  # type: ignore[misc, valid-type]
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             stack = self.active_stack()
@@ -89,7 +102,8 @@ def _make_lora_linear(base: type) -> type:
             xs = x.reshape(n, -1, features_in).to(down_t.dtype)
             tokens, features_out = xs.shape[1], self.out_features
             if not torch.is_grad_enabled() and tokens * (features_in + features_out) > features_in * features_out:
-                return _merged_per_adapter(self, xs, down_t, up_t).reshape(*x.shape[:-1], features_out).to(x.dtype)
+                y = _merged_per_adapter(self, xs, down_t, up_t, cast_weights)
+                return y.reshape(*x.shape[:-1], features_out).to(x.dtype)
             y = super().forward(x)
             # The update and the sum in float32 for half-precision compute: one rounding of the
             # result, as a layer with merged weights has (no-op casts in float32).
@@ -100,7 +114,8 @@ def _make_lora_linear(base: type) -> type:
     return LoRALinear
 
 
-def _merged_per_adapter(layer: nn.Linear, xs: torch.Tensor, down_t: torch.Tensor, up_t: torch.Tensor) -> torch.Tensor:
+def _merged_per_adapter(layer: nn.Linear, xs: torch.Tensor, down_t: torch.Tensor, up_t: torch.Tensor,
+                        cast_weights: Any) -> torch.Tensor:
     """Inference through W_i = W + (down_i up_i)^T, built for this call only: [n, T, in] -> [n, T, out].
 
     The low-rank path costs T*r*(in+out) per adapter on top of the base layer; building the
@@ -110,14 +125,13 @@ def _merged_per_adapter(layer: nn.Linear, xs: torch.Tensor, down_t: torch.Tensor
     In half precision it rounds as a layer whose weights ComfyUI merged: the merged weight
     once (baddbmm accumulates in float32), the output once (bias added inside the matmul).
     """
-    weight = layer.weight.to(xs.device, xs.dtype)  # [out, in]; host-cast like the host layer does
-    merged = torch.baddbmm(weight.t().expand(xs.shape[0], -1, -1), down_t, up_t)  # [n, in, out]
-    if layer.bias is None:
-        return torch.bmm(xs, merged)
-    bias = layer.bias.to(xs.device, xs.dtype)
-    if accumulation_dtype(xs.dtype) != xs.dtype:
-        return torch.baddbmm(bias, xs, merged)
-    return torch.bmm(xs, merged) + bias
+    with cast_weights(layer, xs.dtype, xs.device) as (weight, bias):  # [out, in], [out]: valid inside only
+        merged = torch.baddbmm(weight.t().expand(xs.shape[0], -1, -1), down_t, up_t)  # [n, in, out]
+        if bias is None:
+            return torch.bmm(xs, merged)
+        if accumulation_dtype(xs.dtype) != xs.dtype:
+            return torch.baddbmm(bias, xs, merged)
+        return torch.bmm(xs, merged) + bias
 
 
 def _make_adapter_conv(base: type) -> type:
@@ -181,8 +195,10 @@ def build_ops(host_ops: Any = None) -> SimpleNamespace:
     """Return the layer namespace the model is built from.
 
     `host_ops` is any object with `Linear`, `Conv2d`, `GroupNorm` and `LayerNorm`
-    attributes (default: `torch.nn`). The result has those plus `LoRALinear`,
-    `AdapterConv2d`, `AdapterGroupNorm` and `AdapterLayerNorm`.
+    attributes (default: `torch.nn`), and optionally `cast_weights(layer, dtype, device)`:
+    a context manager yielding (weight, bias) of a host Linear as the host's own forward
+    would use them (default: `plain_cast_weights`). The result has the four layer classes
+    plus `LoRALinear`, `AdapterConv2d`, `AdapterGroupNorm` and `AdapterLayerNorm`.
     """
     host = torch.nn if host_ops is None else host_ops
     for name in ("Linear", "Conv2d", "GroupNorm", "LayerNorm"):
@@ -193,7 +209,7 @@ def build_ops(host_ops: Any = None) -> SimpleNamespace:
         Conv2d=host.Conv2d,
         GroupNorm=host.GroupNorm,
         LayerNorm=host.LayerNorm,
-        LoRALinear=_make_lora_linear(host.Linear),
+        LoRALinear=_make_lora_linear(host.Linear, getattr(host, "cast_weights", plain_cast_weights)),
         AdapterConv2d=_make_adapter_conv(host.Conv2d),
         AdapterGroupNorm=_make_adapter_norm(host.GroupNorm, _group_norm_no_affine),
         AdapterLayerNorm=_make_adapter_norm(host.LayerNorm, _layer_norm_no_affine),

@@ -2,7 +2,7 @@
 
 The control is driven the way ComfyUI's sampler drives it (get_models -> load_models_gpu ->
 pre_run -> get_control), on a small random base, and its residuals are compared with
-`ctrlora_core.api.control_residuals`, the reference computation.The library is imported through the pack (`ComfyUI_CtrLoRA.ctrlora_core`), the copy the nodes use,
+`ctrlora_core.api.control_residuals`, the reference computation. The library is imported through the pack (`ComfyUI_CtrLoRA.ctrlora_core`), the copy the nodes use,
 so the error classes the nodes raise are the ones these tests catch.
 """
 from __future__ import annotations
@@ -83,8 +83,12 @@ def conditioning(batch=1, seed=2):
 
 
 def sample_step(lib, tops, x, timestep=500.0, context=None, batched_number=2):
-    """One model call as ComfyUI's sampler makes it for the top-level controls `tops`."""
-    models = [m for c in tops for m in c.get_models()]
+    """One model call as ComfyUI's sampler makes it for the top-level controls `tops`
+    (comfy/sampler_helpers.py get_additional_models: get_models, then the memory estimate, per control)."""
+    models = []
+    for c in tops:
+        models += c.get_models()
+        c.inference_memory_requirements(x.dtype)
     lib.mm.load_models_gpu(models)
     for c in tops:
         c.pre_run(lib.model, lib.model.model_sampling.percent_to_sigma)
