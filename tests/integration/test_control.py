@@ -19,6 +19,7 @@ from ComfyUI_CtrLoRA.ctrlora_core.config import ControlNetConfig
 from ComfyUI_CtrLoRA.ctrlora_core.errors import CheckpointError
 from ComfyUI_CtrLoRA.ctrlora_core.formats import load_adapter, load_base
 from ComfyUI_CtrLoRA.ctrlora_core.random_weights import SMALL_CONFIG, randomize_, write_random_files
+from float_reference import EPS32, assert_float32_apart, assert_float32_close
 
 WEIGHTS = (0.5, 0.3, 0.2)
 
@@ -101,12 +102,22 @@ def flat(control: dict) -> list[torch.Tensor]:
     return control["output"] + control["middle"]
 
 
-def assert_close(got: list[torch.Tensor], expected: list[torch.Tensor], rel: float = 1e-4) -> None:
-    """Equal up to float32 rounding (batched vs separate passes, merged vs factored LoRA)."""
+def core(files: dict[str, str], names: list[str], weights: list[float] | None, strength: float,
+         hints: list[torch.Tensor], timestep: torch.Tensor, context: torch.Tensor) -> list[list[torch.Tensor]]:
+    """`control_residuals` in float32 and float64: the twin and the reference that bound how far
+    ComfyUI's float32 run may be from the exact residuals (tests/float_reference.py)."""
+    return [control_residuals(files["base"], [files[n] for n in names], weights, strength, hints, timestep, context,
+                              dtype=dtype) for dtype in (torch.float32, torch.float64)]
+
+
+def assert_same_run(got: list[torch.Tensor], expected: list[torch.Tensor], offset: float = 0.0) -> None:
+    """The same network on the same inputs (the same float32 operations: equal bits on one machine),
+    rescaled or shifted by constants on either side in whatever order: value by value at most one
+    float32 rounding of |value| + |constants added| apart."""
     assert len(got) == len(expected)
     for g, e in zip(got, expected):
         assert g.shape == e.shape
-        assert (g - e).abs().max() <= rel * e.abs().max() + 1e-6
+        assert ((g - e).abs() <= EPS32 * (e.abs() + offset)).all(), float((g - e).abs().max())
 
 
 def apply(lib, base, conds, vae, positive, negative, **options):
@@ -129,10 +140,8 @@ def test_single_condition_merges_the_lora_and_matches_core(lib, files, base, vae
     assert models == [base.patcher] and base.merged_key == control.merge_key  # merged weights
     assert len(base.patcher.patches) == len(base.module.lora_module_names()) + 2 * len(base.module.set_module_names())
     hints = [latent.expand(2, -1, -1, -1) for latent in control._latents]
-    expected = control_residuals(files["base"], [files["a"]], [0.7], 1.0, hints, timestep, context)
-    assert_close(flat(out), expected)
-    without = control_residuals(files["base"], [], None, 1.0, hints, timestep, context)
-    assert all((g - w).abs().max() > 1e-2 * w.abs().max() for g, w in zip(flat(out), without))
+    assert_float32_close(flat(out), *core(files, ["a"], [0.7], 1.0, hints, timestep, context))
+    assert_float32_apart(flat(out), *core(files, [], None, 1.0, hints, timestep, context))  # the LoRA acts
     control.cleanup()
 
 
@@ -145,14 +154,16 @@ def test_lora_strength_scales_only_the_low_rank_update(lib, files, base, vae, im
         (out,), timestep, _ = sample_step(lib, [top_control(pos)], x, context=context)
         outs[strength] = flat(out)
     hint = top_control(pos)._latents[0].expand(2, -1, -1, -1)
-    model = load_base(files["base"])
     stack = stack_adapters([load_adapter(files["a"])], lora_strengths=[0.0])
-    with torch.no_grad():
-        zero_update = model(hint, timestep, context, adapters=stack)
-    assert_close(outs[0.0], zero_update)
+    zero_update = []  # float32 twin, float64 reference
+    for dtype in (torch.float32, torch.float64):
+        with torch.no_grad():
+            zero_update.append(load_base(files["base"], dtype=dtype)(hint.to(dtype), timestep, context.to(dtype),
+                                                                     adapters=stack))
+    assert_float32_close(outs[0.0], *zero_update)
     # residual 0 comes from conv_in and a zero conv only (no Linear): the update cannot touch it
     assert torch.equal(outs[1.0][0], outs[0.0][0])
-    assert all((a - b).abs().max() > 1e-2 * b.abs().max() for a, b in zip(outs[1.0][1:], outs[0.0][1:]))
+    assert_float32_apart(outs[1.0][1:], *(z[1:] for z in zero_update))
 
 
 def test_three_conditions_share_one_base_and_sum_with_weights(lib, files, base, vae, image):
@@ -167,10 +178,9 @@ def test_three_conditions_share_one_base_and_sum_with_weights(lib, files, base, 
     assert len(ctrlora_models) == 1  # one base copy in ComfyUI's model management
     assert control._run_stack.count == 3
     hints = [latent.expand(2, -1, -1, -1) for latent in control._latents]
-    singles = [control_residuals(files["base"], [files[n]], [w], 1.0, [h], timestep, context)
-               for n, w, h in zip("abc", WEIGHTS, hints)]
-    weighted_sum = [sum(parts) for parts in zip(*singles)]
-    assert_close(flat(out), weighted_sum)
+    singles = [core(files, [n], [w], 1.0, [h], timestep, context) for n, w, h in zip("abc", WEIGHTS, hints)]
+    weighted_sums = [[sum(parts) for parts in zip(*(s[d] for s in singles))] for d in (0, 1)]
+    assert_float32_close(flat(out), *weighted_sums)
     control.cleanup()
     assert control._run_stack is None and control._latents is None
 
@@ -188,15 +198,15 @@ def test_two_chained_single_condition_applies_with_different_loras(lib, files, b
     assert models == [base.patcher, base.patcher] and base.merged_key is None
     hint_a = control_b.previous_controlnet._latents[0].expand(2, -1, -1, -1)
     hint_b = control_b._latents[0].expand(2, -1, -1, -1)
-    a = control_residuals(files["base"], [files["a"]], [0.8], 1.0, [hint_a], timestep, context)
-    b = control_residuals(files["base"], [files["b"]], [0.6], 0.5, [hint_b], timestep, context)
-    assert_close(flat(out), [ra + rb for ra, rb in zip(a, b)])
+    a = core(files, ["a"], [0.8], 1.0, [hint_a], timestep, context)
+    b = core(files, ["b"], [0.6], 0.5, [hint_b], timestep, context)
+    assert_float32_close(flat(out), *([ra + rb for ra, rb in zip(a[d], b[d])] for d in (0, 1)))
     control_b.cleanup()
 
     # the next run with only one of them merges its LoRA again, and is still right
     (out,), timestep, _ = sample_step(lib, [top_control(pos_a)], x, context=context)
     assert base.merged_key == top_control(pos_a).merge_key
-    assert_close(flat(out), a)
+    assert_float32_close(flat(out), *a)
 
 
 def test_condition_image_reaches_the_vae_in_unit_range_resized_like_core(lib, files, base, vae, image):
@@ -231,7 +241,7 @@ def test_strength_percent_range_and_zero_strength(lib, files, base, vae, image):
         pos, _ = apply(lib, base, conds, vae, positive, negative, strength=strength)
         (out,), _, _ = sample_step(lib, [top_control(pos)], x, context=context)
         outs[strength] = flat(out)
-    assert_close(outs[2.0], [2 * r for r in outs[1.0]])
+    assert_same_run(outs[2.0], [2 * r for r in outs[1.0]])
 
     pos, _ = apply(lib, base, conds, vae, positive, negative, start_percent=0.5, end_percent=1.0)
     (early,), _, _ = sample_step(lib, [top_control(pos)], x, timestep=900.0, context=context)
@@ -267,12 +277,12 @@ def test_chains_with_other_controls_before_and_after(lib, files, base, vae, imag
     pos, _ = apply(lib, base, conditions(lib, files, ["a", "b"], image), vae, positive_with_prev, negative_with_prev)
     assert top_control(pos).previous_controlnet is before
     (out,), _, _ = sample_step(lib, [top_control(pos)], x, context=context)
-    assert_close(flat(out), [r + 0.25 for r in alone])
+    assert_same_run(flat(out), [r + 0.25 for r in alone], offset=0.25)
 
     after = fixed_control(lib, shapes, -1.0).set_previous_controlnet(top_control(pos))
     (out,), _, models = sample_step(lib, [after], x, context=context)
     assert base.patcher in models
-    assert_close(flat(out), [r + 0.25 - 1.0 for r in alone])
+    assert_same_run(flat(out), [r + 0.25 - 1.0 for r in alone], offset=1.25)
 
 
 def test_block_weighting_soft_and_resolution(lib, files, base, vae, image):
@@ -285,8 +295,8 @@ def test_block_weighting_soft_and_resolution(lib, files, base, vae, image):
         (out,), _, _ = sample_step(lib, [top_control(pos)], x, context=context)
         outs[mode] = flat(out)
     n = len(outs["constant"])
-    assert_close(outs["soft"], [r * 0.825 ** (n - 1 - i) for i, r in enumerate(outs["constant"])])
-    assert_close(outs["resolution"], [r * (8 / r.shape[-2]) for r in outs["constant"]])
+    assert_same_run(outs["soft"], [r * 0.825 ** (n - 1 - i) for i, r in enumerate(outs["constant"])])
+    assert_same_run(outs["resolution"], [r * (8 / r.shape[-2]) for r in outs["constant"]])
     assert {8 / r.shape[-2] for r in outs["constant"]} == {1.0, 2.0, 4.0, 8.0}
 
 
@@ -337,7 +347,10 @@ def test_low_vram_loading_patches_per_forward_with_the_same_result(lib, files, v
     assert base.module.model_lowvram and base.module.lowvram_patch_counter > 0
     sigma = lib.model.model_sampling.sigma(torch.full((2,), 500.0))
     low = control.get_control(x, sigma, {"c_crossattn": context}, 2, {})
-    assert_close(flat(low), full)
+    hints = [latent.expand(2, -1, -1, -1) for latent in control._latents]
+    twin, reference = core(files, ["a"], [0.7], 1.0, hints, timestep, context)
+    assert_float32_close(full, twin, reference)
+    assert_float32_close(flat(low), twin, reference)
     base.patcher.unpatch_model(torch.device("cpu"))
 
 
@@ -413,8 +426,10 @@ def test_half_precision_weights_and_compute(lib, files, vae, image, monkeypatch)
         assert half.dtype == torch.float16 and torch.isfinite(half).all()
     core = {dtype: core_control_residuals(lib, files, ["a", "b"], hints, timestep, context, dtype)
             for dtype in (torch.float16, torch.float32)}
-    assert_close(results[torch.float32], core[torch.float32], rel=1e-4)  # the same function in float32
     ours = rms_drift(results[torch.float16], results[torch.float32])
     theirs = rms_drift(core[torch.float16], core[torch.float32])
+    # The same function: in float32 the two routes differ by float32 rounding (~2**-23 relative, a
+    # network deep), far below float16's (~2**-10); a wrong or missing term would be >= 1e-2.
+    assert rms_drift(results[torch.float32], core[torch.float32]) <= 0.1 * theirs
     print(f"fp16 vs fp32 residual drift (rms, relative): CtrLoRA {ours:.3e}, ComfyUI ControlNet {theirs:.3e}")
     assert ours <= 1.5 * theirs + 1e-4, f"fp16 drift {ours:.2e} vs ComfyUI's ControlNet {theirs:.2e}"
