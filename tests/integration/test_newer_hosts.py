@@ -27,8 +27,10 @@ from ComfyUI_CtrLoRA.ctrlora_core.controlnet import CtrLoRAControlNet
 from ComfyUI_CtrLoRA.ctrlora_core.formats import load_adapter, load_base, read_tensors, scan_file
 from ComfyUI_CtrLoRA.ctrlora_core.random_weights import SMALL_CONFIG, randomize_
 
+from float_reference import assert_float32_close
+
 from .test_control import (  # noqa: F401  (base, files, image, lib, vae are fixtures)
-    apply, assert_close, base, conditioning, conditions, files, flat, image, lib, sample_step, top_control, vae)
+    apply, assert_same_run, base, conditioning, conditions, core, files, flat, image, lib, sample_step, top_control, vae)
 
 
 def own_base(lib, files, tmp_path, dtype=None):
@@ -116,7 +118,7 @@ def test_base_loads_when_comfy_linear_weights_are_lazy(lib, files, base, lazy_li
         pos, _ = apply(lib, handle, conditions(lib, files, ["a", "b"], image), vae, positive, negative)
         (out,), _, _ = sample_step(lib, [top_control(pos)], x, context=context)
         outs.append([r.clone() for r in flat(out)])
-    assert_close(outs[1], outs[0])
+    assert_same_run(outs[1], outs[0])
 
 
 # ---- 2. the host's core patcher; weights as the host casts them
@@ -165,7 +167,7 @@ def test_forward_time_adapters_see_weight_patches_applied_at_cast(lib, files, tm
         for m in linears:
             m.weight += shift
     written = run()
-    assert_close(patched_at_cast, written)
+    assert_same_run(patched_at_cast, written)
     assert max((w - p).abs().max() / p.abs().max() for w, p in zip(written, plain)) > 1e-2  # the shift matters
 
 
@@ -216,8 +218,7 @@ def test_get_models_outside_sampling_changes_nothing(lib, files, tmp_path, vae, 
             assert models == [handle.patcher] and handle.merged_key == control.merge_key
             assert calls and all(adapters is None for adapters in calls)  # the plain module ran
             hint = control._latents[0].expand(2, -1, -1, -1)
-            assert_close(flat(out), control_residuals(files["base"], [files[name]], [0.7], 1.0, [hint],
-                                                      timestep, context))
+            assert_float32_close(flat(out), *core(files, [name], [0.7], 1.0, [hint], timestep, context))
             control.cleanup()
             calls.clear()
             graph_time_get_models(lib.comfy, [applied["a"], applied["b"]])
@@ -243,7 +244,7 @@ def test_a_control_the_sampler_did_not_announce_still_runs_right(lib, files, tmp
     out = control.get_control(x, sigma, {"c_crossattn": context}, 2, {})
     hint = control._latents[0].expand(2, -1, -1, -1)
     timestep = lib.model.model_sampling.timestep(sigma)
-    assert_close(flat(out), control_residuals(files["base"], [files["b"]], [1.0], 1.0, [hint], timestep, context))
+    assert_float32_close(flat(out), *core(files, ["b"], [1.0], 1.0, [hint], timestep, context))
 
 
 # ---- 4. multi-GPU
@@ -291,7 +292,7 @@ def test_multigpu_clone_runs_on_its_own_copy_of_the_base(lib, files, tmp_path, v
     expected = [r.clone() for r in flat(expected)]
     original_patches = handle.patcher.patches_uuid
     (got,), _, _ = sample_step(lib, [clone], x, context=context)
-    assert_close(flat(got), expected)
+    assert_same_run(flat(got), expected)
     assert handle.patcher.patches_uuid == original_patches
     top.cleanup()
     clone.cleanup()
