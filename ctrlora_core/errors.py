@@ -28,10 +28,13 @@ def release_on_error(function: Function) -> Function:
 
     A traceback keeps every frame it passed through alive, and with them their local
     variables: the tensors a failed load had read, a memory-mapped file. Whoever keeps the
-    error (ComfyUI keeps the last one until its next garbage collection, a notebook keeps
-    `sys.last_exc`) would keep those too. So the frames below `function` (finished by now)
-    are cleared, for the exception and every exception chained to it (`__context__` is set
-    even under `raise ... from None`). The traceback still prints file, line and code.
+    error (ComfyUI's executor holds it in a reference cycle until its next garbage
+    collection, a notebook keeps `sys.last_exc`) would keep those too. So the frames below
+    `function` (finished by now) are cleared, for the exception and every exception chained
+    to it, and a context hidden by `raise ... from None` (set all the same) is dropped: a
+    cleared frame still holds its function, whose closure may hold what the frame did
+    (torch.load's nested loaders hold the file's memory map). The traceback still prints
+    file, line and code.
     """
     @functools.wraps(function)
     def run(*args, **kwargs):
@@ -52,4 +55,6 @@ def _clear_frames(err: BaseException) -> None:
             continue
         seen.add(id(chained))
         traceback.clear_frames(chained.__traceback__)  # a frame still running (the caller's) is skipped
+        if chained.__suppress_context__:
+            chained.__context__ = None  # never printed, only kept alive
         pending += [chained.__cause__, chained.__context__]
