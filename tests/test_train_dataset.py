@@ -1,10 +1,13 @@
 """Dataset layouts, prompts from file names, and validation: every bad case is reported by file name."""
 import json
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
+from ctrlora_core.conditions import ConditionError
 from ctrlora_core.prompts import PromptTemplate
 from train_data import write_dental, write_official
 from train.dataset import DatasetError, check_dataset, find_pairs, load_pair, check_images
@@ -149,3 +152,42 @@ def test_load_pair_ranges(tmp_path):
     assert float(cond.min()) >= 0.0 and float(cond.max()) <= 1.0
     np.testing.assert_allclose(target.permute(1, 2, 0).numpy(), raw * 2 - 1, atol=1e-6)
     assert check_images(pairs, multiple=64)[1] == []
+
+
+def test_pairs_are_refused_from_headers_and_each_kept_image_is_decoded_once(tmp_path, monkeypatch):
+    root = write_dental(tmp_path / "d", count=6)
+    Image.new("RGB", (72, 64)).save(root / "source" / "lower_left_0001.png")  # size mismatch
+    (root / "source" / "upper_top_0002.png").write_bytes(b"not an image")
+    cut = root / "target" / "lower_right_0003.png"
+    cut.write_bytes(cut.read_bytes()[:200])  # a cut-off PNG: its header is fine, its data is not
+    decoded = Counter()
+    real_load = ImageFile.ImageFile.load
+
+    def counting_load(self):
+        if self.tile:  # pixel data still to decode (a later load() of the same image is free)
+            decoded[Path(self.filename).relative_to(root).as_posix()] += 1
+        return real_load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", counting_load)
+    pairs, issues = check_dataset(root, skip_bad=True)
+    assert sorted(Path(i.path).relative_to(root).as_posix() for i in issues) == [
+        "source/lower_left_0001.png", "source/upper_top_0002.png", "target/lower_right_0003.png"]
+    assert decoded == {}  # checking decodes nothing, so a refused pair is never decoded
+    for pair in pairs:
+        load_pair(pair)
+    kept = [Path(p).relative_to(root).as_posix() for pair in pairs for p in (pair.source, pair.target)]
+    assert len(kept) == 6 and decoded == {name: 1 for name in kept}
+
+
+def test_damage_only_decoding_shows_names_the_file_when_it_is_decoded(tmp_path):
+    root = write_dental(tmp_path / "d", count=2)
+    target = root / "target" / "upper_front_0000.png"
+    Image.open(target).convert("RGB").save(target.with_suffix(".jpg"), quality=95)
+    target.unlink()
+    jpeg = target.with_suffix(".jpg")
+    jpeg.write_bytes(jpeg.read_bytes()[:-200])  # a cut-off JPEG has no checksums to verify
+    pairs, issues = check_dataset(root)
+    assert issues == [] and len(pairs) == 2
+    with pytest.raises(ConditionError, match="cannot read image") as err:
+        load_pair(next(p for p in pairs if p.target == jpeg))
+    assert str(jpeg) in str(err.value)
