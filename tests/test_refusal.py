@@ -1,17 +1,14 @@
 """A refused file costs nothing: kinds come from headers or key tables, and a refusal keeps no tensors.
 
-Cost of reading a file is measured on this process: bytes read by system calls
-(/proc/self/io rchar) and the peak resident memory during the call (VmHWM after a reset
-through /proc/self/clear_refs), which also counts memory-mapped tensor data that is
-touched. Each file carries a 32 MB tensor, so reading its data would cost at least that;
-a header or key table costs kilobytes.
+Cost of reading a file is measured on this process (testbed/refusal.py): bytes read by
+system calls and the peak resident memory during the call, which also counts
+memory-mapped tensor data that is touched. Each file carries a 32 MB tensor, so reading
+its data would cost at least that; a header or key table costs kilobytes.
 """
 from __future__ import annotations
 
-import gc
 import os
 import zipfile
-from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
@@ -27,6 +24,7 @@ from ctrlora_core.config import ControlNetConfig
 from ctrlora_core.errors import CheckpointError, CtrLoRAError
 from ctrlora_core.formats import FileKind, load_adapter, load_base, save_adapter, scan_file
 from ctrlora_core.random_weights import random_adapter, random_base, write_random_files
+from testbed.refusal import cost, refusal, tensors_kept_by_refusal
 from train.backbones.comfy import ComfyBackbone
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
@@ -74,52 +72,6 @@ def kind_files(tmp_path_factory) -> dict[str, tuple[FileKind | None, str]]:
     torch.save({"control_model.input_blocks.0.0.weight": torch.zeros(BIG), "x": Exploit()}, folder / "code.ckpt")
     files["code.ckpt"] = (None, str(folder / "code.ckpt"))
     return files
-
-
-def _proc(file: str, field: str) -> int:
-    with open(file) as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                value = int(line.split()[1])
-                return value * 1024 if line.rstrip().endswith("kB") else value
-    raise KeyError(field)
-
-
-@contextmanager
-def cost():
-    """Bytes read by system calls and peak resident growth of this process inside the block."""
-    measured = SimpleNamespace(read=0, peak=0)
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := VmRSS
-    rss, read = _proc("/proc/self/status", "VmRSS"), _proc("/proc/self/io", "rchar")
-    yield measured
-    measured.read = _proc("/proc/self/io", "rchar") - read
-    measured.peak = _proc("/proc/self/status", "VmHWM") - rss
-
-
-def refusal(call, *args) -> BaseException:
-    """Run a call that must fail; return its exception (the caller keeps it, as ComfyUI keeps its last error)."""
-    try:
-        call(*args)
-    except Exception as err:  # noqa: BLE001  (any refusal; the tests check which)
-        return err
-    raise AssertionError(f"{call.__name__} accepted {args}")
-
-
-def live_tensors() -> dict[int, object]:
-    gc.collect()
-    kinds = (torch.Tensor, torch.UntypedStorage, torch.TypedStorage)
-    return {id(o): o for o in gc.get_objects() if issubclass(type(o), kinds)}
-
-
-def tensors_kept_by_refusal(call, *args) -> tuple[BaseException, list]:
-    """(the kept exception, tensors and storages that are alive only since the refused call)."""
-    refusal(call, *args)  # once before: state torch creates on first use is not the refusal's
-    before = live_tensors()  # held, so their ids stay unique
-    err = refusal(call, *args)
-    new = [o for key, o in live_tensors().items() if key not in before]
-    return err, new
 
 
 def _cheap(measured: SimpleNamespace) -> bool:
