@@ -71,14 +71,6 @@ class FileSummary:
     prefix: str = ""  # what the file's keys carry before the keys in `shapes`
 
 
-@dataclass
-class LoadedFile:
-    """The tensors of a model file of a known kind (keys as in its FileSummary)."""
-
-    summary: FileSummary
-    tensors: dict[str, torch.Tensor]
-
-
 def _check_path(path: str) -> str:
     """The lower-case extension of an existing, non-empty regular file; raises otherwise."""
     if not os.path.exists(path):
@@ -201,13 +193,6 @@ def read_checked(summary: FileSummary, keys: Iterable[str] | None = None) -> dic
     tensors = {k[len(summary.prefix):]: v for k, v in raw.items()}
     _check_values(tensors, summary.path)
     return tensors
-
-
-@release_on_error
-def load_file_of_kind(path: str | os.PathLike, expected: FileKind) -> LoadedFile:
-    """Refuse `path` (from its header) unless it is of the `expected` kind, then read its relevant tensors."""
-    summary = require_kind(path, expected)
-    return LoadedFile(summary, read_checked(summary))
 
 
 def _check_values(tensors: Mapping[str, torch.Tensor], path: str) -> None:
