@@ -154,6 +154,37 @@ def test_lora_strength_scales_only_the_low_rank_update(lib, files, base, vae, im
     assert all((a - b).abs().max() > 1e-2 * b.abs().max() for a, b in zip(outs[1.0][1:], outs[0.0][1:]))
 
 
+def _tensors_in(value) -> list[torch.Tensor]:
+    """The tensors inside a ModelPatcher patch list (tuples, weight adapters)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors_in(v)]
+    return _tensors_in(value.weights) if hasattr(value, "weights") else []
+
+
+def test_a_new_apply_of_the_merged_lora_replaces_the_older_copy_without_merging_again(lib, files, base, vae, image):
+    """A prompt that failed, then the same LoRA applied again: the patcher must hold the new copy only."""
+    positive, negative, context = conditioning()
+    x = torch.randn(2, 4, 8, 8)
+    controls = []
+    for _ in range(2):
+        controls.append(top_control(apply(lib, base, conditions(lib, files, ["a"], image), vae, positive,
+                                          negative)[0]))
+        (out,), timestep, _ = sample_step(lib, controls[-1:], x, context=context)
+        if len(controls) == 1:
+            merged = base.patcher.patches_uuid
+    assert base.merged_key == controls[1].merge_key and base.patcher.patches_uuid == merged  # merged once
+    held = {t.untyped_storage().data_ptr() for patch in base.patcher.patches.values() for t in _tensors_in(patch)}
+    first, second = ({t.untyped_storage().data_ptr() for part in (c.stack.lora, c.stack.sets) for pair in part.values()
+                      for t in pair} for c in controls)
+    assert held and held <= first | second and not held & first  # both stacks alive: addresses are distinct
+    hints = [latent.expand(2, -1, -1, -1) for latent in controls[1]._latents]
+    assert_close(flat(out), control_residuals(files["base"], [files["a"]], [1.0], 1.0, hints, timestep, context))
+    for control in controls:
+        control.cleanup()
+
+
 def test_three_conditions_share_one_base_and_sum_with_weights(lib, files, base, vae, image):
     positive, negative, context = conditioning()
     x = torch.randn(2, 4, 8, 8)
