@@ -92,6 +92,7 @@ class BaseHandle:
         self.weight_dtype = weight_dtype
         self.compute_dtype = compute_dtype
         self.merged_key: Hashable | None = None  # the LoRA the patcher carries now (None: clean weights)
+        self._merged_patches: dict | None = None  # the control's patches the patcher carries for it
         self._claims: dict[Hashable | None, dict | None] = {}
         self._planning = False
         self._device_handles: dict[torch.device, BaseHandle] = {}
@@ -129,9 +130,26 @@ class BaseHandle:
         if wanted != self.merged_key:
             self.patcher.patches = {}
             self.patcher.patches_uuid = uuid.uuid4()
+            self._merged_patches = self._claims[wanted] if wanted is not None else None
             if wanted is not None:
-                self.patcher.add_patches(self._claims[wanted])
+                self.patcher.add_patches(self._merged_patches)
             self.merged_key = wanted
+        elif wanted is not None and self._claims[wanted] is not self._merged_patches:
+            self._carry_newer_patches(self._claims[wanted])
+
+    def _carry_newer_patches(self, patches: dict[str, Any]) -> None:
+        """Carry a newer control's patches for the LoRA already merged (same file, same strength).
+
+        The merged weights stay (no second merge: same uuid), and the patcher no longer holds
+        the adapter tensors of an older control, which ComfyUI may have dropped long ago (a
+        prompt that failed, then the same LoRA applied again). The dict is refilled in place:
+        a low-VRAM load reads its patches from it at every forward.
+        """
+        patches_uuid = self.patcher.patches_uuid
+        self.patcher.patches.clear()
+        self.patcher.add_patches(patches)
+        self.patcher.patches_uuid = patches_uuid
+        self._merged_patches = patches
 
     def ensure_loaded(self) -> None:
         """Load the patcher (again) unless the module holds exactly its current patches."""

@@ -97,11 +97,9 @@ class CtrLoRAControl(comfy.controlnet.ControlBase):
             raise ValueError(f"vae: expected an SD1.x VAE with 4 latent channels, got {vae.latent_channels}")
         if block_weighting not in BLOCK_WEIGHTINGS:
             raise ValueError(f"block_weighting {block_weighting!r}: expected one of {', '.join(BLOCK_WEIGHTINGS)}")
-        adapters = []
-        for condition in conditions:
-            adapter = condition.lora.load()
-            adapter.check_against(base.module, condition.lora.path or condition.lora.name)
-            adapters.append(adapter)
+        for condition in conditions:  # every LoRA is checked (from its header) before any is read
+            condition.lora.check_against(base.module)
+        adapters = [condition.lora.load() for condition in conditions]
         stack = stack_adapters(adapters, [c.weight for c in conditions], [c.lora.strength for c in conditions])
         single = conditions[0].lora
         merge_key = (single.identity, single.strength) if len(conditions) == 1 and LoRAAdapter else None

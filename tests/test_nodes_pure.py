@@ -108,6 +108,24 @@ def test_loaders_list_ctrlora_files_and_only_ctrlora_files_of_controlnet(folders
                                                                               "ctrlora_official.ckpt"])
 
 
+def test_listing_reads_only_headers_and_keeps_one_answer_per_file(folders, small):
+    """A CtrLoRA file in models/controlnet is classified from its header (its tensor data may be cut off)."""
+    path = os.path.join(folders.folder_names_and_paths["controlnet"][0][0], "cut.safetensors")
+    with open(small.paths["b"], "rb") as f:
+        raw = f.read()
+    header = 8 + int.from_bytes(raw[:8], "little")
+    with open(path, "wb") as f:
+        f.write(raw[:header + 16])
+    assert "cut.safetensors" in model_files.list_files(FileKind.CTRLORA_LORA)
+    assert "cut.safetensors" not in model_files.list_files(FileKind.CTRLORA_BASE)
+    with open(small.paths["base"], "rb") as f:  # the file is replaced by a base: the answer follows
+        raw = f.read()
+    with open(path, "wb") as f:
+        f.write(raw[:8 + int.from_bytes(raw[:8], "little") + 16])
+    assert "cut.safetensors" in model_files.list_files(FileKind.CTRLORA_BASE)
+    assert [k for k in model_files._kind_cache if k.endswith("cut.safetensors")] == [os.path.realpath(path)]
+
+
 def test_names_resolve_in_ctrlora_first_then_controlnet(folders):
     assert model_files.resolve("sub/a.safetensors").endswith(os.path.join("ctrlora", "sub", "a.safetensors"))
     assert model_files.resolve("cn_lora.safetensors").endswith(os.path.join("controlnet", "cn_lora.safetensors"))

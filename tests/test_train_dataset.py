@@ -1,14 +1,16 @@
 """Dataset layouts, prompts from file names, and validation: every bad case is reported by file name."""
 import json
 import re
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
 from ComfyUI_CtrLoRA.nodes.dental import CtrLoRABlendLightingSeg
-from ctrlora_core.conditions import blend_lighting_seg
+from ctrlora_core.conditions import ConditionError, blend_lighting_seg
 from ctrlora_core.errors import CtrLoRAError
 from ctrlora_core.prompts import PromptTemplate
 from train_data import MAP_KEYS, write_dental, write_maps, write_official
@@ -330,3 +332,42 @@ def test_without_maps_a_maps_folder_is_refused_with_a_hint(tmp_path):
     root = write_maps(tmp_path / "m", count=1, flat=True)
     issues, message = _issues_for(root)
     assert "pass --maps (e.g. --maps lighting,segmentation)" in message
+
+
+def test_pairs_are_refused_from_headers_and_each_kept_image_is_decoded_once(tmp_path, monkeypatch):
+    root = write_dental(tmp_path / "d", count=6)
+    Image.new("RGB", (72, 64)).save(root / "source" / "lower_left_0001.png")  # size mismatch
+    (root / "source" / "upper_top_0002.png").write_bytes(b"not an image")
+    cut = root / "target" / "lower_right_0003.png"
+    cut.write_bytes(cut.read_bytes()[:200])  # a cut-off PNG: its header is fine, its data is not
+    decoded = Counter()
+    real_load = ImageFile.ImageFile.load
+
+    def counting_load(self):
+        if self.tile:  # pixel data still to decode (a later load() of the same image is free)
+            decoded[Path(self.filename).relative_to(root).as_posix()] += 1
+        return real_load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", counting_load)
+    pairs, issues = check_dataset(root, skip_bad=True)
+    assert sorted(Path(i.path).relative_to(root).as_posix() for i in issues) == [
+        "source/lower_left_0001.png", "source/upper_top_0002.png", "target/lower_right_0003.png"]
+    assert decoded == {}  # checking decodes nothing, so a refused pair is never decoded
+    for pair in pairs:
+        load_pair(pair)
+    kept = [Path(p).relative_to(root).as_posix() for pair in pairs for p in (pair.source, pair.target)]
+    assert len(kept) == 6 and decoded == {name: 1 for name in kept}
+
+
+def test_damage_only_decoding_shows_names_the_file_when_it_is_decoded(tmp_path):
+    root = write_dental(tmp_path / "d", count=2)
+    target = root / "target" / "upper_front_0000.png"
+    Image.open(target).convert("RGB").save(target.with_suffix(".jpg"), quality=95)
+    target.unlink()
+    jpeg = target.with_suffix(".jpg")
+    jpeg.write_bytes(jpeg.read_bytes()[:-200])  # a cut-off JPEG has no checksums to verify
+    pairs, issues = check_dataset(root)
+    assert issues == [] and len(pairs) == 2
+    with pytest.raises(ConditionError, match="cannot read image") as err:
+        load_pair(next(p for p in pairs if p.target == jpeg))
+    assert str(jpeg) in str(err.value)

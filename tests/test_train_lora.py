@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from safetensors.torch import save_file
 
 from ctrlora_core.adapters import CtrLoRAAdapter, stack_adapters
 from ctrlora_core.api import control_residuals
@@ -20,6 +21,7 @@ from ctrlora_core.errors import CtrLoRAError
 from ctrlora_core.files import file_sha256
 from ctrlora_core.formats import CONTROL_PREFIX, FileKind, load_adapter, load_base, read_tensors, scan_file
 from ctrlora_core.prompts import DEFAULT_TEMPLATE
+from ctrlora_core.random_weights import write_random_files
 from ctrlora_core.schedule import NoiseSchedule
 from float_reference import EPS32, FACTOR, assert_float32_apart, assert_float32_close
 from train_data import one_thread, write_dental  # noqa: F401
@@ -288,13 +290,13 @@ def test_help_documents_every_option(capsys):
 
 def test_missing_comfyui_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.delenv("COMFYUI_PATH", raising=False)
-    checkpoint = tmp_path / "sd.safetensors"
-    checkpoint.write_bytes(b"x")
+    checkpoint = str(tmp_path / "sd.safetensors")  # files that pass the header checks made before ComfyUI is looked for
+    save_file({"model.diffusion_model.out.2.weight": torch.zeros(1)}, checkpoint)
+    base = write_random_files(tmp_path, lora_names=())["base"]
     with pytest.raises(CtrLoRAError, match="ComfyUI not found.*--comfyui"):
-        open_backbone(str(checkpoint), "base.safetensors", "", torch.device("cpu"), torch.float32)
+        open_backbone(checkpoint, base, "", torch.device("cpu"), torch.float32)
     with pytest.raises(CtrLoRAError, match="not a ComfyUI folder"):
-        open_backbone(str(checkpoint), "base.safetensors", str(tmp_path), torch.device("cpu"),
-                                  torch.float32)
+        open_backbone(checkpoint, base, str(tmp_path), torch.device("cpu"), torch.float32)
 
 
 def test_batches_are_drawn_per_sample_slot():

@@ -21,9 +21,13 @@ Layouts of a dataset folder ROOT:
    transparent map is flattened first (`ctrlora_core.conditions.load_map`): the
    segmentation over the palette background, any other map over black.
 
-`find_pairs` reads a layout; `check_images` opens every image. Every problem is collected
-as an `Issue` naming the file, so a user sees all of them at once, and `check_dataset`
-either raises `DatasetError` listing them or (skip_bad) drops the offending pairs.
+`find_pairs` reads a layout; `check_images` reads every image's header (size) without
+decoding its pixels, so a pair is refused or skipped before it is decoded and each image of
+a kept pair is decoded once, by `load_pair` when it is encoded. A PNG's chunk checksums are
+verified in the check too (a cut-off or damaged PNG is refused there); damage that only
+decoding shows (a cut-off JPEG) stops the run when the file is decoded, naming it. Every
+problem is collected as an `Issue` naming the file, so a user sees all of them at once, and
+`check_dataset` either raises `DatasetError` listing them or (skip_bad) drops the offending pairs.
 """
 from __future__ import annotations
 
@@ -306,17 +310,20 @@ def _maps_pairs(root: Path, template: PromptTemplate, blend: MapBlend) -> tuple[
 
 
 def image_size(path: Path) -> tuple[int, int] | str:
-    """(width, height) of a fully decodable image, or the reason it cannot be read."""
+    """(width, height) from the image's header, or the reason it cannot be read; no pixel is decoded.
+
+    `verify` checks what the format allows without decoding (a PNG's chunk checksums).
+    """
     try:
         with Image.open(path) as img:
-            img.load()
+            img.verify()
             return img.size
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # PIL: SyntaxError = bad chunk
         return f"unreadable image ({err})"
 
 
 def check_images(pairs: list[Pair], multiple: int = 8) -> tuple[list[Pair], list[Issue]]:
-    """Open every image; return the good pairs and the issues of the bad ones.
+    """Read every image's header; return the good pairs and the issues of the bad ones.
 
     Checked: readable, the condition files (source or maps) and the target of the same size,
     sizes multiples of `multiple`, and one size for the whole dataset (the most common one;
@@ -387,7 +394,10 @@ def load_condition(pair: Pair) -> np.ndarray:
 
 
 def load_pair(pair: Pair) -> tuple[torch.Tensor, torch.Tensor]:
-    """(condition [3, H, W] in [0, 1], target [3, H, W] in [-1, 1]) float32, as the official loader."""
+    """(condition [3, H, W] in [0, 1], target [3, H, W] in [-1, 1]) float32, as the official loader.
+
+    The one decode of the pair's images; a file that cannot be decoded raises ConditionError naming it.
+    """
     source = torch.from_numpy(np.ascontiguousarray(load_condition(pair))).permute(2, 0, 1)
     target = torch.from_numpy(np.ascontiguousarray(load_image(pair.target))).permute(2, 0, 1)
     return source, target * 2.0 - 1.0

@@ -7,11 +7,13 @@ so the error classes the nodes raise are the ones these tests catch.
 """
 from __future__ import annotations
 
+import shutil
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from ComfyUI_CtrLoRA.ctrlora_core.adapters import stack_adapters
 from ComfyUI_CtrLoRA.ctrlora_core.api import control_residuals
@@ -20,6 +22,7 @@ from ComfyUI_CtrLoRA.ctrlora_core.errors import CheckpointError
 from ComfyUI_CtrLoRA.ctrlora_core.formats import load_adapter, load_base
 from ComfyUI_CtrLoRA.ctrlora_core.random_weights import SMALL_CONFIG, randomize_, write_random_files
 from float_reference import EPS32, assert_float32_apart, assert_float32_close
+from testbed.refusal import tensors_kept_by_refusal
 
 WEIGHTS = (0.5, 0.3, 0.2)
 
@@ -164,6 +167,37 @@ def test_lora_strength_scales_only_the_low_rank_update(lib, files, base, vae, im
     # residual 0 comes from conv_in and a zero conv only (no Linear): the update cannot touch it
     assert torch.equal(outs[1.0][0], outs[0.0][0])
     assert_float32_apart(outs[1.0][1:], *(z[1:] for z in zero_update))
+
+
+def _tensors_in(value) -> list[torch.Tensor]:
+    """The tensors inside a ModelPatcher patch list (tuples, weight adapters)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors_in(v)]
+    return _tensors_in(value.weights) if hasattr(value, "weights") else []
+
+
+def test_a_new_apply_of_the_merged_lora_replaces_the_older_copy_without_merging_again(lib, files, base, vae, image):
+    """A prompt that failed, then the same LoRA applied again: the patcher must hold the new copy only."""
+    positive, negative, context = conditioning()
+    x = torch.randn(2, 4, 8, 8)
+    controls = []
+    for _ in range(2):
+        controls.append(top_control(apply(lib, base, conditions(lib, files, ["a"], image), vae, positive,
+                                          negative)[0]))
+        (out,), timestep, _ = sample_step(lib, controls[-1:], x, context=context)
+        if len(controls) == 1:
+            merged = base.patcher.patches_uuid
+    assert base.merged_key == controls[1].merge_key and base.patcher.patches_uuid == merged  # merged once
+    held = {t.untyped_storage().data_ptr() for patch in base.patcher.patches.values() for t in _tensors_in(patch)}
+    first, second = ({t.untyped_storage().data_ptr() for part in (c.stack.lora, c.stack.sets) for pair in part.values()
+                      for t in pair} for c in controls)
+    assert held and held <= first | second and not held & first  # both stacks alive: addresses are distinct
+    hints = [latent.expand(2, -1, -1, -1) for latent in controls[1]._latents]
+    assert_float32_close(flat(out), *core(files, ["a"], [1.0], 1.0, hints, timestep, context))
+    for control in controls:
+        control.cleanup()
 
 
 def test_three_conditions_share_one_base_and_sum_with_weights(lib, files, base, vae, image):
@@ -325,6 +359,44 @@ def test_bad_inputs_raise_clear_errors(lib, files, base, vae, image, tmp_path):
         lib.base_model.load_base_handle(files["a"])
     with pytest.raises(CheckpointError, match="but a CtrLoRA condition LoRA was expected"):
         lib.LoRAHandle.from_file(files["base"], 1.0)
+
+
+def test_refused_apply_reads_no_lora_and_keeps_none_of_what_it_read(lib, files, base, vae, image, tmp_path,
+                                                                   monkeypatch):
+    positive, negative, _ = conditioning()
+    other = write_random_files(tmp_path / "other", ControlNetConfig(model_channels=32, channel_mult=(1, 1, 1, 1),
+                                                                     context_dim=32), rank=4, lora_names=("x",))
+    mixed = lib.Condition().add(lib.LoRAHandle.from_file(other["x"], 1.0), image, 1.0,
+                                conditions(lib, files, ["a"], image))[0]
+
+    def no_reading(self):
+        raise AssertionError(f"{self.path} was read")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(lib.LoRAHandle, "load", no_reading)
+        with pytest.raises(CheckpointError, match="x.safetensors.*different base model"):
+            apply(lib, base, mixed, vae, positive, negative)
+
+    damaged = tmp_path / "damaged.safetensors"  # fits the base; its values turn NaN after it was picked
+    shutil.copy(files["b"], damaged)
+    conds = lib.Condition().add(lib.LoRAHandle.from_file(str(damaged), 1.0), image, 1.0,
+                                conditions(lib, files, ["a"], image))[0]
+    tensors = load_file(str(damaged))
+    save_file({k: torch.full_like(v, float("nan")) for k, v in tensors.items()}, str(damaged))
+    err, kept = tensors_kept_by_refusal(apply, lib, base, conds, vae, positive, negative)
+    assert "NaN" in str(err) and kept == [], f"the kept error holds {len(kept)} tensors or storages"
+
+
+def test_a_failed_base_load_registers_no_handle(lib, files, tmp_path):
+    tensors = load_file(files["base"])
+    key = next(k for k in tensors if k.endswith("input_blocks.0.0.weight"))
+    tensors[key] = torch.full_like(tensors[key], float("inf"))
+    damaged = tmp_path / "damaged_base.safetensors"
+    save_file(tensors, str(damaged))
+    before = dict(lib.base_model._handles)
+    err, kept = tensors_kept_by_refusal(lib.base_model.load_base_handle, str(damaged))
+    assert "NaN or infinite" in str(err) and kept == []
+    assert dict(lib.base_model._handles) == before
 
 
 def test_loaders_of_one_file_share_one_module(lib, files, base):
