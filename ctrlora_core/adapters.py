@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 
@@ -95,32 +95,42 @@ class CtrLoRAAdapter:
 
     def check_against(self, model: CtrLoRAControlNet, source: str | None = None) -> None:
         """Raise CheckpointError unless this adapter fits `model` key for key and shape for shape."""
-        where = source or self.name
-        expected = expected_adapter_shapes(model, rank=None)
-        missing = sorted(set(expected) - set(self.tensors))
-        unexpected = sorted(set(self.tensors) - set(expected))
-        if missing:
+        check_adapter_shapes({k: tuple(v.shape) for k, v in self.tensors.items()}, model, source or self.name)
+
+
+def check_adapter_shapes(shapes: Mapping[str, tuple[int, ...]], model: CtrLoRAControlNet, where: str) -> None:
+    """Raise CheckpointError naming `where` unless adapter tensors of these (un-prefixed) shapes fit `model`.
+
+    Shapes alone decide, so a file is checked from its header before its tensors are read.
+    """
+    expected = expected_adapter_shapes(model, rank=None)
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    if missing:
+        raise CheckpointError(
+            f"LoRA is incomplete for this base: {len(missing)} of {len(expected)} expected keys are "
+            f"missing, e.g. {missing[:3]}", where)
+    if unexpected:
+        raise CheckpointError(
+            f"LoRA has {len(unexpected)} keys this base does not have, e.g. {unexpected[:3]} "
+            "(made for a different base architecture?)", where)
+    modules = sorted(k[: -len(LORA_DOWN)] for k in shapes if k.endswith(LORA_DOWN))
+    for module in modules:
+        down, up = shapes[module + LORA_DOWN], shapes[module + LORA_UP]
+        if len(down) != 2 or len(up) != 2 or down[0] != up[1]:
             raise CheckpointError(
-                f"LoRA is incomplete for this base: {len(missing)} of {len(expected)} expected keys are "
-                f"missing, e.g. {missing[:3]}", where)
-        if unexpected:
+                f"rank mismatch at {module!r}: down is {list(down)} and up is {list(up)} "
+                "(expected down [r, in] and up [out, r] with the same r)", where)
+    ranks = {shapes[m + LORA_DOWN][0] for m in modules}
+    if len(ranks) != 1:
+        raise CheckpointError(f"adapter mixes LoRA ranks {sorted(ranks)}", where)
+    rank = ranks.pop()
+    for key, shape in expected.items():
+        want = tuple(rank if s is None else s for s in shape)
+        if tuple(shapes[key]) != want:
             raise CheckpointError(
-                f"LoRA has {len(unexpected)} keys this base does not have, e.g. {unexpected[:3]} "
-                "(made for a different base architecture?)", where)
-        for module in self.lora_modules():
-            down, up = self.lora_pair(module)
-            if down.dim() != 2 or up.dim() != 2 or down.shape[0] != up.shape[1]:
-                raise CheckpointError(
-                    f"rank mismatch at {module!r}: down is {list(down.shape)} and up is {list(up.shape)} "
-                    "(expected down [r, in] and up [out, r] with the same r)", where)
-        rank = self.rank  # raises on mixed ranks across layers
-        for key, shape in expected.items():
-            want = tuple(rank if s is None else s for s in shape)
-            got = tuple(self.tensors[key].shape)
-            if got != want:
-                raise CheckpointError(
-                    f"shape mismatch at {key!r}: the file has {list(got)}, this base expects {list(want)} "
-                    "(made for a different base model?)", where)
+                f"shape mismatch at {key!r}: the file has {list(shapes[key])}, this base expects {list(want)} "
+                "(made for a different base model?)", where)
 
 
 def stack_adapters(adapters: Sequence[CtrLoRAAdapter], weights: Sequence[float] | None = None,

@@ -29,6 +29,10 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     return emb
 
 
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class EmbedSequential(nn.Sequential):
     """A sequence of layers; ResBlocks also get the time embedding, transformers the context."""
 
@@ -46,7 +50,8 @@ class EmbedSequential(nn.Sequential):
 class ResBlock(nn.Module):
     """LDM ResBlock: norm-act-conv, add projected time embedding, norm-act-conv, skip.
 
-    The GroupNorms compute in float32, as LDM's GroupNorm32 does.
+    The GroupNorms compute in float32 at least, as LDM's GroupNorm32 does (float64 stays
+    float64, so a float64 copy of the model is a reference for float32 rounding).
     """
 
     def __init__(self, ops: SimpleNamespace, channels: int, emb_channels: int, out_channels: int):
@@ -62,11 +67,11 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         norm_in, act_in, conv_in = self.in_layers
-        h = conv_in(act_in(norm_in(x.float()).to(x.dtype)))
+        h = conv_in(act_in(norm_in(_at_least_float32(x)).to(x.dtype)))
         e = self.emb_layers(emb).to(h.dtype)
         h = h + e[..., None, None]
         norm_out, act_out, drop, conv_out = self.out_layers
-        h = conv_out(drop(act_out(norm_out(h.float()).to(h.dtype))))
+        h = conv_out(drop(act_out(norm_out(_at_least_float32(h)).to(h.dtype))))
         return self.skip_connection(x) + h
 
 

@@ -30,6 +30,27 @@ so mode "alpha" is a plain cross-fade, alpha = 0 returns the lighting map and
 alpha = 1 returns the pure blend. The lighting map is the base layer (it decides
 the overlay branch) and the segmentation map the blend layer. A JavaScript preview
 reimplements these formulas; `BLEND_MODES` lists the valid mode names.
+
+Transparent maps
+----------------
+A render with a transparent background is flattened before blending, so the
+background gets a defined colour instead of whatever RGB the file stores under
+alpha 0: `flatten_alpha` composites the map over a flat colour,
+
+    flat = image * (1 - t) + background * t,     t = transparency = 1 - alpha
+
+(t is ComfyUI's MASK convention, the second output of Load Image). The trainer
+(`load_map`) and the Blend Lighting + Segmentation node (its optional mask inputs)
+flatten the segmentation map over the palette background and every other map over
+black, so both build the same condition from the same files.
+
+Segmentation regions
+--------------------
+`DENTAL_PALETTE` holds the flat colours of the dental segmentation maps (8-bit RGB).
+`region_masks` labels every pixel with its nearest palette colour, when that colour is
+within `tolerance` (Euclidean distance in 8-bit RGB units, 0-441; SEG_TOLERANCE = 40
+by default, so anti-aliased edge pixels half-way between two colours, about 74 away
+from both, belong to no region).
 """
 from __future__ import annotations
 
@@ -52,6 +73,14 @@ Layout = Literal["BHWC", "BCHW"]
 ImageT = TypeVar("ImageT", np.ndarray, torch.Tensor)
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B")
+
+RGB8 = tuple[int, int, int]
+# Flat colours of the dental segmentation maps (8-bit RGB).
+DENTAL_PALETTE: dict[str, RGB8] = {"teeth": (196, 196, 116), "gum": (204, 68, 44), "background": (56, 56, 56)}
+# Largest distance from its nearest palette colour (Euclidean, 8-bit RGB units) of a region pixel.
+SEG_TOLERANCE = 40.0
+# The dental blend's alpha: the segmentation at 30 % opacity over the lighting map (the first user's finding).
+DENTAL_BLEND_ALPHA = 0.3
 
 
 class ConditionError(CtrLoRAError, ValueError):
@@ -81,15 +110,77 @@ def load_image(path: str | Path) -> np.ndarray:
     Grayscale, palette and RGBA files become RGB (alpha dropped); 16-bit
     grayscale files are scaled by 1/65535, everything else by 1/255.
     """
+    return _read_image(path)[0]
+
+
+def load_map(path: str | Path, background: RGB8 = (0, 0, 0)) -> np.ndarray:
+    """`load_image`, with a transparent image flattened over `background` (8-bit RGB, see `flatten_alpha`).
+
+    The pixels and the transparency are read as ComfyUI's Load Image reads them
+    (RGB / 255 and 1 - alpha / 255 in float32), so a map gives the same values here
+    and in a workflow.
+    """
+    rgb, transparency = _read_image(path)
+    return rgb if transparency is None else flatten_alpha(rgb, transparency, background)
+
+
+def _read_image(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """(float32 RGB HWC in [0, 1], float32 transparency HW or None when the file has no alpha)."""
     try:
         with Image.open(path) as img:
             img.load()
             if img.mode in _SIXTEEN_BIT_MODES:
                 gray = np.asarray(img, dtype=np.float32) / 65535.0
-                return np.repeat(gray[:, :, None], 3, axis=2)
-            return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+                return np.repeat(gray[:, :, None], 3, axis=2), None
+            rgb = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+            if "A" in img.getbands():
+                alpha = img.getchannel("A")
+            elif img.mode == "P" and "transparency" in img.info:
+                alpha = img.convert("RGBA").getchannel("A")
+            else:
+                return rgb, None
+            return rgb, 1.0 - np.asarray(alpha).astype(np.float32) / 255.0
     except OSError as err:
         raise ConditionError(f"{path}: cannot read image ({err})") from err
+
+
+def flatten_alpha(image: ImageT, transparency: ImageT, background: RGB8) -> ImageT:
+    """`image * (1 - t) + background * t`: the image composited over a flat 8-bit RGB colour.
+
+    `image` is float RGB [H, W, 3] or [B, H, W, 3] in [0, 1]; `transparency` t is in [0, 1]
+    shaped [H, W] or [B, H, W] (1 = fully transparent, ComfyUI's MASK). The result has
+    `image`'s type and dtype.
+    """
+    img = torch.from_numpy(image) if isinstance(image, np.ndarray) else image
+    t = torch.from_numpy(transparency) if isinstance(transparency, np.ndarray) else transparency
+    if img.ndim not in (3, 4) or img.shape[-1] != 3:
+        raise ConditionError(f"image: expected float RGB [H, W, 3] or [B, H, W, 3], got {tuple(img.shape)}")
+    if t.shape[-2:] != img.shape[-3:-1]:
+        raise ConditionError(f"transparency mask {tuple(t.shape)} does not match the image {tuple(img.shape)}")
+    check_unit_range(t, "transparency mask")
+    t = t.to(device=img.device, dtype=img.dtype)[..., None]
+    colour = torch.tensor(background, dtype=img.dtype, device=img.device) / 255.0
+    flat = img * (1 - t) + colour * t
+    return flat.numpy() if isinstance(image, np.ndarray) else flat
+
+
+def region_masks(seg: ImageT, palette: dict[str, RGB8] = DENTAL_PALETTE,
+                 tolerance: float = SEG_TOLERANCE) -> dict[str, ImageT]:
+    """Per palette entry, the boolean mask of the pixels whose nearest palette colour it is, within `tolerance`.
+
+    `seg` is a float image [..., H, W, C] in [0, 1] (C = 1, 3 or 4, as `blend_lighting_seg`);
+    distances are Euclidean in 8-bit RGB units. Masks are shaped [..., H, W], numpy
+    when `seg` is numpy, else torch on its device. Pixels far from every colour are in no mask.
+    """
+    if not palette:
+        raise ConditionError("segmentation palette: no colours")
+    pixels = _as_rgb_tensor(seg, "segmentation").float() * 255.0
+    colours = torch.tensor(list(palette.values()), dtype=torch.float32, device=pixels.device)
+    distance = (pixels[..., None, :] - colours).pow(2).sum(-1).sqrt()  # [..., H, W, colours]
+    nearest_distance, nearest = distance.min(dim=-1)
+    within = nearest_distance <= tolerance
+    masks = {name: (nearest == k) & within for k, name in enumerate(palette)}
+    return {name: m.cpu().numpy() for name, m in masks.items()} if isinstance(seg, np.ndarray) else masks
 
 
 def tensor_to_image(tensor: torch.Tensor, layout: Layout = "BHWC") -> np.ndarray:

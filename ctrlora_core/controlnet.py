@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from .adapter_stack import AdapterStack
 from .blocks import EmbedSequential, timestep_embedding, unet_encoder
 from .config import ControlNetConfig
-from .layers import AdapterRuntime, build_ops
+from .layers import AdapterRuntime, accumulation_dtype, build_ops
 
 
 class CtrLoRAControlNet(nn.Module):
@@ -88,8 +88,9 @@ class CtrLoRAControlNet(nn.Module):
             outs = self._trunk(hint, timesteps, context.to(hint.dtype), adapters, gradient_checkpointing)
         if adapters is None:
             return outs
-        weights = adapters.weights.to(hint.device)
-        return [torch.einsum("n,nb...->b...", weights.to(o.dtype), o.reshape(n, batch, *o.shape[1:]))
+        acc = accumulation_dtype(hint.dtype)  # the weighted sum rounds once in half precision
+        weights = adapters.weights.to(hint.device, acc)
+        return [torch.einsum("n,nb...->b...", weights, o.reshape(n, batch, *o.shape[1:]).to(acc)).to(o.dtype)
                 for o in outs]
 
     def _trunk(self, h: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,

@@ -6,9 +6,10 @@
 no longer shares its name with the standard library's `inspect`.)
 
 `describe(path, read_pickles=False)` reads only the header of a .safetensors file, or with
-`read_pickles` the key table of a pickle (tensor data is never read). Without
-`read_pickles` a pickle is not opened at all and is reported as an official checkpoint;
-the ComfyUI info route uses it that way.
+`read_pickles` the key table of a pickle (tensor data is never read; a legacy pre-zip
+pickle is the exception, torch reads it whole). Without `read_pickles` a pickle is not
+opened at all and is reported as an official checkpoint; the ComfyUI info route uses it
+that way.
 """
 from __future__ import annotations
 

@@ -7,7 +7,10 @@ naming the file and what was expected.
 A file's kind is decided from its key names before any tensor data is read
 (`scan_file`): the JSON header of a .safetensors file, the key table of a pickle opened
 with `mmap=True` (tensor data stays on disk until touched). A wrong file is refused
-at the cost of its header, and a right one reads only the tensors it needs. Kinds:
+at the cost of its header (`require_kind`), and a right one reads only the tensors it
+needs. A legacy pickle (torch.save before torch 1.6, not a zip archive) cannot be
+memory-mapped: torch reads it whole, so refusing one costs its size once (convert it to
+.safetensors with `python -m ctrlora_core.convert`). Kinds:
 
 - CtrLoRA base: a ControlNet trunk whose first conv takes the 4-channel latent, no hint
   block (official files also carry leftover `lora_layer` tensors, ignored for the base);
@@ -16,11 +19,15 @@ at the cost of its header, and a right one reads only the tensors it needs. Kind
   ordinary SD LoRA (kohya/diffusers), or unknown.
 
 A full training checkpoint (SD + `control_model.` keys) is accepted: its control part is used.
+
+On any error nothing read stays referenced: the loading functions are wrapped in
+`release_on_error`, so a kept exception holds its message, not the frames' tensors.
 """
 from __future__ import annotations
 
 import os
 import pickle
+import zipfile
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Iterable, Mapping
@@ -29,10 +36,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .adapters import LORA_DOWN, CtrLoRAAdapter, is_adapter_key
+from .adapters import LORA_DOWN, CtrLoRAAdapter, check_adapter_shapes, is_adapter_key
 from .config import SD15_NUM_HEADS, infer_config
 from .controlnet import CtrLoRAControlNet
-from .errors import CheckpointError
+from .errors import CheckpointError, release_on_error
 from .files import atomic_write, read_safetensors_header
 
 CONTROL_PREFIX = "control_model."
@@ -64,14 +71,6 @@ class FileSummary:
     prefix: str = ""  # what the file's keys carry before the keys in `shapes`
 
 
-@dataclass
-class LoadedFile:
-    """The tensors of a model file of a known kind (keys as in its FileSummary)."""
-
-    summary: FileSummary
-    tensors: dict[str, torch.Tensor]
-
-
 def _check_path(path: str) -> str:
     """The lower-case extension of an existing, non-empty regular file; raises otherwise."""
     if not os.path.exists(path):
@@ -90,16 +89,12 @@ def _check_path(path: str) -> str:
 def _open_pickle(path: str) -> Mapping[str, Any]:
     """The flat key -> value dict of a pickle (a `state_dict` wrapper unwrapped), memory-mapped when possible.
 
-    Files written by torch.save's zip format (every torch since 1.6) are mapped: tensor data
-    is read from disk only when a tensor is used. Older files are read whole.
+    Files written by torch.save's zip format (every torch since 1.6) are mapped: reading
+    them reads the key table, and tensor data comes from disk only when a tensor is used.
+    Legacy files (not zip archives) cannot be mapped and are read whole.
     """
     try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
@@ -151,6 +146,7 @@ def classify(keys: Iterable[str]) -> tuple[FileKind, str, list[str]]:
     return FileKind.UNKNOWN, prefix, notes
 
 
+@release_on_error
 def scan_file(path: str | os.PathLike) -> FileSummary:
     """Kind, shapes and metadata of a model file, without reading tensor data."""
     path = os.fspath(path)
@@ -162,6 +158,7 @@ def scan_file(path: str | os.PathLike) -> FileSummary:
     return FileSummary(path, kind, relevant, metadata, notes, prefix)
 
 
+@release_on_error
 def read_tensors(path: str | os.PathLike, keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
     """The raw tensors of a model file (only `keys` when given), as independent CPU tensors."""
     path = os.fspath(path)
@@ -177,17 +174,25 @@ def read_tensors(path: str | os.PathLike, keys: Iterable[str] | None = None) -> 
         raise CheckpointError(f"not a readable model file (truncated or corrupt?): {e}", path) from None
 
 
-def load_file_of_kind(path: str | os.PathLike, expected: FileKind) -> LoadedFile:
-    """Refuse `path` (from its header) unless it is of the `expected` kind, then read its relevant tensors."""
+@release_on_error
+def require_kind(path: str | os.PathLike, expected: FileKind) -> FileSummary:
+    """The summary of `path` if its header says it is of the `expected` kind; CheckpointError otherwise."""
     summary = scan_file(path)
     if summary.kind != expected:
         sample = ", ".join(summary.prefix + k for k in list(summary.shapes)[:3])
         raise CheckpointError(f"this is a {summary.kind.value} file, but a {expected.value} was expected "
                               f"(first keys: {sample})", summary.path)
-    raw = read_tensors(summary.path, [summary.prefix + k for k in summary.shapes])
+    return summary
+
+
+@release_on_error
+def read_checked(summary: FileSummary, keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a scanned file (`keys` of its summary, all by default) with their values checked."""
+    keys = list(summary.shapes if keys is None else keys)
+    raw = read_tensors(summary.path, [summary.prefix + k for k in keys])
     tensors = {k[len(summary.prefix):]: v for k, v in raw.items()}
     _check_values(tensors, summary.path)
-    return LoadedFile(summary, tensors)
+    return tensors
 
 
 def _check_values(tensors: Mapping[str, torch.Tensor], path: str) -> None:
@@ -198,6 +203,7 @@ def _check_values(tensors: Mapping[str, torch.Tensor], path: str) -> None:
             raise CheckpointError(f"tensor {key!r} contains NaN or infinite values (damaged training run?)", path)
 
 
+@release_on_error
 def load_base(path: str | os.PathLike, host_ops: Any = None, num_heads: int = SD15_NUM_HEADS,
               dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> CtrLoRAControlNet:
     """Load a CtrLoRA Base ControlNet; leftover LoRA tensors in the file are ignored.
@@ -205,9 +211,7 @@ def load_base(path: str | os.PathLike, host_ops: Any = None, num_heads: int = SD
     The architecture is inferred from the shapes in the header, and the file is refused
     before its tensors are read when they do not fit it.
     """
-    summary = scan_file(path)
-    if summary.kind != FileKind.CTRLORA_BASE:
-        load_file_of_kind(summary.path, FileKind.CTRLORA_BASE)  # raises with the kind found
+    summary = require_kind(path, FileKind.CTRLORA_BASE)
     trunk_shapes = {k: s for k, s in summary.shapes.items() if "lora_layer" not in k}
     in_ch = trunk_shapes["input_blocks.0.0.weight"][1]
     if in_ch != 4:
@@ -215,8 +219,12 @@ def load_base(path: str | os.PathLike, host_ops: Any = None, num_heads: int = SD
                               "VAE latent of the condition", summary.path)
     config = infer_config(trunk_shapes, num_heads=num_heads)
     with torch.device("meta"):
-        model = CtrLoRAControlNet(config, host_ops)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        # The key check uses plain torch layers: a host's layers may create their weights
+        # only when they are loaded (ComfyUI's Linear under dynamic VRAM), so the model to
+        # load can list fewer keys now than it will hold.
+        reference = CtrLoRAControlNet(config)
+        model = reference if host_ops is None else CtrLoRAControlNet(config, host_ops)
+    expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
     missing = sorted(set(expected) - set(trunk_shapes))
     unexpected = sorted(set(trunk_shapes) - set(expected))
     if missing or unexpected:
@@ -230,22 +238,27 @@ def load_base(path: str | os.PathLike, host_ops: Any = None, num_heads: int = SD
     raw = read_tensors(summary.path, [summary.prefix + k for k in trunk_shapes])
     trunk = {k[len(summary.prefix):]: v for k, v in raw.items()}
     _check_values(trunk, summary.path)
+    # cast before loading and assign: every layer then holds exactly these tensors, whether
+    # it copies into weights it made or takes the tensors it is given
     model.load_state_dict({k: v.to(device, dtype) for k, v in trunk.items()}, assign=True)
     model.eval().requires_grad_(False)
     model.source_path = summary.path
     return model
 
 
+@release_on_error
 def load_adapter(path: str | os.PathLike, model: CtrLoRAControlNet | None = None) -> CtrLoRAAdapter:
-    """Load a CtrLoRA condition LoRA (official or ours); checked against `model` when given."""
-    loaded = load_file_of_kind(path, FileKind.CTRLORA_LORA)
-    name = os.path.splitext(os.path.basename(loaded.summary.path))[0]
-    adapter = CtrLoRAAdapter({k: v.float() for k, v in loaded.tensors.items()}, name=name,
-                             metadata=loaded.summary.metadata)
+    """Load a CtrLoRA condition LoRA (official or ours); checked against `model` when given.
+
+    Kind and fit to `model` are checked from the header, so a misfit is refused before it is read.
+    """
+    summary = require_kind(path, FileKind.CTRLORA_LORA)
     if model is not None:
-        adapter.check_against(model, loaded.summary.path)
-    else:
-        adapter.rank  # noqa: B018  (raises on mixed ranks)
+        check_adapter_shapes(summary.shapes, model, summary.path)
+    name = os.path.splitext(os.path.basename(summary.path))[0]
+    adapter = CtrLoRAAdapter({k: v.float() for k, v in read_checked(summary).items()}, name=name,
+                             metadata=summary.metadata)
+    adapter.rank  # noqa: B018  (raises on mixed ranks)
     return adapter
 
 

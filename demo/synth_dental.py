@@ -1,7 +1,8 @@
 """Procedural dental dataset for the bundled demo: teeth arches rendered from 5 views.
 
 Every sample is one dental arch (upper or lower jaw) seen from one view (top, front,
-bottom, left, right), drawn with numpy only by ray casting a union of ellipsoids:
+bottom, left, right), possibly turned a little towards a side (a compound view such as
+"front top left"), drawn with numpy only by ray casting a union of ellipsoids:
 
 - teeth: 14 per arch (incisors to second molars), each an ellipsoid sized like the
   real tooth type, placed along a parabolic arch; premolars and molars get cusps;
@@ -21,11 +22,25 @@ Per sample the renderer produces (all float32 in [0, 1], HWC):
 - `depth`, `normal`, `edges`: extra maps of the same scene (used to pretrain the
   demo's Base ControlNet on conditions other than the demo's own).
 
-The demo condition is `blend_lighting_seg(lighting, seg)`. File names follow the
-dental naming scheme (`upper_front_0001.png`), so prompts come from
-`ctrlora_core.prompts`. Everything is deterministic given (seed, index).
+Two dataset layouts are written:
 
-CLI: python demo/synth_dental.py --out data/synth --count 200 --size 64
+- `write_maps_dataset` ("maps", the user's real data): per sample a grey lighting map in
+  lighting/, a flat-colour segmentation map in segmentation/ (`segmentation_map`: teeth,
+  gums and a dark grey background in the colours of `SEG_PALETTE`) and the render in
+  target/, all under one map-kind-free key shaped like the user's file names: the jaw, a
+  patient or model id, the view with its detail words and sometimes a trailing tag
+  (`upper_3C6EF372_front_top_left.png`, `lower_patient7_bottom.png`,
+  `upper_smith_right_12.png`, `lower_patient17_front_slightly_up_weight_5.png`;
+  `sample_key`). The trainer blends the two maps into the condition.
+- `write_dataset` ("source/target", what the trainer read before the maps layout):
+  source/ holds the ready-blended condition `blend_lighting_seg(lighting, seg)` of the
+  per-tooth segmentation, names `upper_front_0001.png`.
+
+Everything is deterministic given (seed, index); `render(make_scene(seed, index))` is
+what the demo's miniature models were pretrained on (pretrain_demo.py), so it must not
+change for scenes without a view detail.
+
+CLI: python demo/synth_dental.py --out data/synth --count 200 --size 64 [--layout source]
 """
 from __future__ import annotations
 
@@ -63,6 +78,28 @@ TOOTH_COLOURS = np.array(
     [colorsys.hsv_to_rgb(k / NUM_TEETH, 0.85 if k % 2 else 0.6, 1.0 if k % 2 else 0.8) for k in range(NUM_TEETH)],
     dtype=np.float32)
 GUM_COLOUR = np.array([0.5, 0.5, 0.5], dtype=np.float32)
+
+# The user's segmentation colours (uint8 RGB, flat): the same as ctrlora_core.conditions.DENTAL_PALETTE.
+SEG_PALETTE = {"teeth": (196, 196, 116), "gum": (204, 68, 44), "background": (56, 56, 56)}
+MAP_FOLDERS = ("lighting", "segmentation", "target")
+
+# Detail words of a compound view ("front_top_left"): the camera moves towards that side of
+# the image by DETAIL_TILT_DEG (half of it after "slightly"), still aiming at the arch.
+DETAIL_SIDES = {"top": (0.0, 1.0), "up": (0.0, 1.0), "bottom": (0.0, -1.0), "down": (0.0, -1.0),
+                "left": (-1.0, 0.0), "right": (1.0, 0.0)}
+DETAIL_TILT_DEG = 15.0
+# The compound views each view gets in the maps layout (one drawn per sample), and the id
+# styles and trailing tags of the user's file names.
+VIEW_DETAILS = {
+    "front": ((), ("top", "left"), ("top", "right"), ("slightly", "up")),
+    "top": ((), ("left",), ("right",)),
+    "bottom": ((), ("left",), ("right",)),
+    "left": ((), ("slightly", "up")),
+    "right": ((), ("slightly", "down")),
+}
+SURNAMES = ("smith", "garcia", "nguyen", "mueller", "rossi", "kowalski", "tanaka", "okafor")
+TAILS = ("", "", "", "_1", "_2", "_weight_5")
+_NAME_STREAM = 7  # the names' random stream, apart from the scenes' [seed, index]
 
 # View -> (direction the camera looks along, image "up" vector) in model space. "top" looks
 # down (+z is up), so it shows the chewing surfaces of the lower jaw and the gum side of the
@@ -110,11 +147,44 @@ class Scene:
     tooth_tint: np.ndarray  # [NUM_TEETH, 3] enamel albedo per tooth
     gum_albedo: np.ndarray  # [3]
     texture_seed: int  # seeds the surface grain
+    view_detail: tuple[str, ...] = ()  # detail words of a compound view, e.g. ("top", "left")
+
+
+@dataclass(frozen=True)
+class SampleKey:
+    """A maps-layout sample: its file name (no map kind) and the jaw, view and detail it shows."""
+
+    name: str
+    jaw: str
+    view: str
+    view_detail: tuple[str, ...]
 
 
 def sample_name(jaw: str, view: str, index: int) -> str:
-    """File name of sample `index`, e.g. 'upper_front_0001.png'."""
+    """File name of sample `index` in the source/target layout, e.g. 'upper_front_0001.png'."""
     return f"{jaw}_{view}_{index:04d}.png"
+
+
+def sample_key(seed: int, index: int) -> SampleKey:
+    """The maps-layout name of sample `index`, unique per (seed, index).
+
+    Ids take three shapes in turn: 8 hex digits (a bijection of the index), `patient<index>`
+    and a surname followed by the index as a trailing number.
+    """
+    rng = np.random.default_rng([seed, index, _NAME_STREAM])
+    jaw, view = jaw_view_for_index(index)
+    choices = VIEW_DETAILS[view]
+    detail = choices[rng.integers(len(choices))]
+    tail = TAILS[rng.integers(len(TAILS))]
+    words = "_".join((view,) + detail)
+    style = index % 3
+    if style == 0:
+        name = f"{jaw}_{(index * 0x9E3779B1 + (seed + 1) * 0x5BD1E995) % 2**32:08X}_{words}{tail}"
+    elif style == 1:
+        name = f"{jaw}_patient{index}_{words}{tail}"
+    else:
+        name = f"{jaw}_{SURNAMES[rng.integers(len(SURNAMES))]}_{words}_{index}"
+    return SampleKey(name + ".png", jaw, view, detail)
 
 
 def jaw_view_for_index(index: int) -> tuple[str, str]:
@@ -193,13 +263,34 @@ def _build_arch(rng: np.random.Generator, occlusal_sign: float) -> Ellipsoids:
     return Ellipsoids(np.array(centres), np.array(rotations), np.array(radii), np.array(labels))
 
 
-def make_scene(seed: int, index: int, jaw: str | None = None, view: str | None = None) -> Scene:
-    """The random scene of sample `index` (jaw and view round-robin unless given)."""
+def _turn_towards(direction: np.ndarray, up_hint: np.ndarray, words: tuple[str, ...]) -> np.ndarray:
+    """`direction` with the camera moved towards the image sides named by `words` (DETAIL_SIDES)."""
+    right = _unit(np.cross(direction, up_hint))
+    up = np.cross(right, direction)
+    offset = np.zeros(3)
+    for previous, word in zip(("",) + words, words):
+        if word in DETAIL_SIDES:
+            degrees = DETAIL_TILT_DEG * (0.5 if previous == "slightly" else 1.0)
+            side_x, side_y = DETAIL_SIDES[word]
+            offset += np.tan(np.deg2rad(degrees)) * (side_x * right + side_y * up)
+    return _unit(direction - offset)
+
+
+def make_scene(seed: int, index: int, jaw: str | None = None, view: str | None = None,
+               view_detail: tuple[str, ...] = ()) -> Scene:
+    """The random scene of sample `index` (jaw and view round-robin unless given).
+
+    `view_detail` turns the camera (see DETAIL_SIDES) without drawing random numbers, so
+    the arch, light and look are those of the plain view.
+    """
     rng = np.random.default_rng([seed, index])
     default_jaw, default_view = jaw_view_for_index(index)
     jaw, view = jaw or default_jaw, view or default_view
     if jaw not in JAWS or view not in VIEWS:
         raise ValueError(f"jaw/view: expected one of {JAWS} / {VIEWS}, got {jaw!r} / {view!r}")
+    unknown = [w for w in view_detail if w not in DETAIL_SIDES and w != "slightly"]
+    if unknown:
+        raise ValueError(f"view_detail: unknown words {unknown}; valid: {sorted(DETAIL_SIDES)} and 'slightly'")
     sign = 1.0 if jaw == "lower" else -1.0
     solids = _build_arch(rng, sign)
 
@@ -208,6 +299,8 @@ def make_scene(seed: int, index: int, jaw: str | None = None, view: str | None =
         look[2] *= sign  # look slightly towards the chewing surfaces
     jitter = _rotation(rng.normal(size=3), np.deg2rad(rng.uniform(0.0, 10.0)))
     direction = _unit(jitter @ look)
+    if view_detail:
+        direction = _turn_towards(direction, jitter @ up_hint, view_detail)
     right = _unit(np.cross(direction, jitter @ up_hint))
     up = np.cross(right, direction)
 
@@ -227,7 +320,7 @@ def make_scene(seed: int, index: int, jaw: str | None = None, view: str | None =
     tooth_tint = np.clip(enamel + rng.normal(0.0, 0.025, size=(NUM_TEETH, 3)), 0.0, 1.0)
     gum = np.clip(np.array([0.80, 0.40, 0.44]) + rng.normal(0.0, 0.04, size=3), 0.0, 1.0)
     return Scene(jaw, view, solids, sign, direction, right, up, centre, half_extent,
-                 light, tooth_tint, gum, int(rng.integers(2**31)))
+                 light, tooth_tint, gum, int(rng.integers(2**31)), tuple(view_detail))
 
 
 def _cast(origins: np.ndarray, direction: np.ndarray, solids: Ellipsoids) -> tuple[np.ndarray, np.ndarray]:
@@ -343,13 +436,26 @@ def render(scene: Scene, size: int = 64, supersample: int = 2) -> dict[str, np.n
 
 
 def condition_image(maps: dict[str, np.ndarray], alpha: float = 0.5, mode: str = "alpha") -> np.ndarray:
-    """The demo's condition: the lighting map blended with the segmentation map."""
+    """The source/target layout's condition: the lighting map blended with the per-tooth segmentation."""
     return blend_lighting_seg(maps["lighting"], maps["seg"], alpha=alpha, mode=mode)
+
+
+def segmentation_map(labels: np.ndarray) -> np.ndarray:
+    """The user's kind of segmentation map of `labels` [H, W]: flat SEG_PALETTE colours, float32 HWC."""
+    palette = np.array([SEG_PALETTE["teeth"], SEG_PALETTE["gum"], SEG_PALETTE["background"]], np.float32) / 255.0
+    region = np.where(labels == BACKGROUND_LABEL, 2, np.where(labels == GUM_LABEL, 1, 0))
+    return palette[region]
 
 
 def _save_png(image: np.ndarray, path: Path) -> None:
     pixels = np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
     Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(path)
+
+
+def _check_extra_maps(extra_maps: tuple[str, ...]) -> None:
+    unknown = set(extra_maps) - set(EXTRA_MAPS)
+    if unknown:
+        raise ValueError(f"extra_maps: unknown {sorted(unknown)}; valid: {EXTRA_MAPS}")
 
 
 def write_dataset(out_dir: str | os.PathLike, count: int, seed: int = 0, size: int = 64, start: int = 0,
@@ -360,9 +466,7 @@ def write_dataset(out_dir: str | os.PathLike, count: int, seed: int = 0, size: i
     source_seg/ and one folder per name in `extra_maps` (depth, normal, edges). This is
     the trainer's dental layout: prompts come from the file names.
     """
-    unknown = set(extra_maps) - set(EXTRA_MAPS)
-    if unknown:
-        raise ValueError(f"extra_maps: unknown {sorted(unknown)}; valid: {EXTRA_MAPS}")
+    _check_extra_maps(extra_maps)
     root = Path(out_dir)
     folders = {"source": "source", "target": "target", "lighting": "source_lighting", "seg": "source_seg"}
     folders.update({name: name for name in extra_maps})
@@ -380,6 +484,30 @@ def write_dataset(out_dir: str | os.PathLike, count: int, seed: int = 0, size: i
     return names
 
 
+def write_maps_dataset(out_dir: str | os.PathLike, count: int, seed: int = 0, size: int = 64, start: int = 0,
+                       extra_maps: tuple[str, ...] = ()) -> list[SampleKey]:
+    """Write samples start..start+count-1 in the maps layout into `out_dir`; return their keys.
+
+    Folders: lighting/ (grey RGB), segmentation/ (flat SEG_PALETTE colours), target/, and one
+    folder per name in `extra_maps` (depth, normal, edges); every file is named by the
+    sample's key (`sample_key`), and the camera follows the key's view detail.
+    """
+    _check_extra_maps(extra_maps)
+    root = Path(out_dir)
+    for folder in MAP_FOLDERS + tuple(extra_maps):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    keys = []
+    for index in range(start, start + count):
+        key = sample_key(seed, index)
+        maps = render(make_scene(seed, index, view_detail=key.view_detail), size)
+        maps["lighting"] = np.repeat(maps["lighting"], 3, axis=2)
+        maps["segmentation"] = segmentation_map(maps["labels"])
+        for folder in MAP_FOLDERS + tuple(extra_maps):
+            _save_png(maps[folder], root / folder / key.name)
+        keys.append(key)
+    return keys
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="output folder")
@@ -388,8 +516,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--extra-maps", nargs="*", default=[], choices=EXTRA_MAPS)
+    parser.add_argument("--layout", choices=("maps", "source"), default="maps",
+                        help="maps: lighting/, segmentation/, target/ under the user's kind of names; "
+                             "source: the blended condition in source/, target/, names upper_front_0001.png")
     args = parser.parse_args(argv)
-    names = write_dataset(args.out, args.count, args.seed, args.size, args.start, extra_maps=tuple(args.extra_maps))
+    write = write_maps_dataset if args.layout == "maps" else write_dataset
+    names = write(args.out, args.count, args.seed, args.size, args.start, extra_maps=tuple(args.extra_maps))
     print(f"wrote {len(names)} samples to {args.out}")
 
 

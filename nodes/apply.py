@@ -6,6 +6,7 @@ from typing import Any
 import torch
 
 from ..ctrlora_core.conditions import check_unit_range
+from ..ctrlora_core.errors import release_on_error
 
 from .block_weights import BLOCK_WEIGHTINGS
 from .handles import BASE_TYPE, CONDITIONS_TYPE, LORA_TYPE, Condition, LoRAHandle
@@ -87,6 +88,7 @@ class CtrLoRAApply:
             },
         }
 
+    @release_on_error  # it reads the LoRAs: a refusal keeps none of them in its traceback
     def apply(self, positive: list, negative: list, base: Any, conditions: tuple[Condition, ...], vae: Any,
               strength: float, start_percent: float, end_percent: float, apply_to_uncond: bool = True,
               block_weighting: str = "constant", residual_cache: bool = True) -> tuple[list, list]:

@@ -40,7 +40,7 @@ import comfy.latent_formats
 import comfy.model_management as mm
 import comfy.utils
 from ..ctrlora_core.adapter_stack import AdapterStack
-from ..ctrlora_core.adapters import CtrLoRAAdapter, stack_adapters
+from ..ctrlora_core.adapters import stack_adapters
 
 from .base_model import BaseHandle
 from .block_weights import BLOCK_WEIGHTINGS, block_multipliers
@@ -115,6 +115,8 @@ class CtrLoRAControl(comfy.controlnet.ControlBase):
         self._run_stack: AdapterStack | None = None
         self.reuse = reuse  # the conditions' part of residual cache keys; None: the cache is off
         self._context_digests: list[tuple[torch.Tensor, str]] = []  # per run: context rows met and their hashes
+        if not hasattr(self, "multigpu_clones"):  # ComfyUI without multi-GPU sampling: deepclone_multigpu's registry
+            self.multigpu_clones: dict[torch.device, CtrLoRAControl] = {}
 
     @classmethod
     def build(cls, base: BaseHandle, conditions: Sequence[Condition], vae: Any, strength: float,
@@ -132,12 +134,9 @@ class CtrLoRAControl(comfy.controlnet.ControlBase):
             raise ValueError(f"vae: expected an SD1.x VAE with 4 latent channels, got {vae.latent_channels}")
         if block_weighting not in BLOCK_WEIGHTINGS:
             raise ValueError(f"block_weighting {block_weighting!r}: expected one of {', '.join(BLOCK_WEIGHTINGS)}")
-        def checked(condition: Condition) -> CtrLoRAAdapter:
-            adapter = condition.lora.load()
-            adapter.check_against(base.module, condition.lora.path or condition.lora.name)
-            return adapter
-
-        stack = stack_adapters([checked(c) for c in conditions], [c.weight for c in conditions],
+        for condition in conditions:  # every LoRA is checked (from its header) before any is read
+            condition.lora.check_against(base.module)
+        stack = stack_adapters([c.lora.load() for c in conditions], [c.weight for c in conditions],
                                [c.lora.strength for c in conditions])
         _return_freed_heap()  # the files' tensors are gone now: only the stacked copies stay
         single = conditions[0].lora
@@ -159,24 +158,39 @@ class CtrLoRAControl(comfy.controlnet.ControlBase):
         self.copy_to(c)
         return c
 
+    def deepclone_multigpu(self, load_device: torch.device, autoregister: bool = False) -> "CtrLoRAControl":
+        """This control for another device of ComfyUI's multi-GPU sampling: the base's copy on that device."""
+        c = self.copy()
+        c.base = self.base.on_device(load_device)
+        if autoregister:
+            self.multigpu_clones[load_device] = c
+        return c
+
     def get_models(self) -> list:
-        patches = merge_patches(self.stack) if self.merge_key is not None else None
-        return super().get_models() + [self.base.claim(self.merge_key, patches)]
+        # Pure: newer ComfyUI also calls it on every node output while the graph runs, not only to sample.
+        return super().get_models() + [self.base.patcher]
 
     def inference_memory_requirements(self, dtype: torch.dtype) -> int:
+        # ComfyUI calls this only when sampling starts, after get_models and before loading the models:
+        # the moment this control (and its copies on other devices) joins the run's merge plan.
+        for control in (self, *self.multigpu_clones.values()):
+            control.base.claim(control.merge_key, control._merge_patches())
         own = 0 if self.merge_key is not None else self.stack.numel() * mm.dtype_size(self.base.compute_dtype)
         return own + super().inference_memory_requirements(dtype)
 
     def pre_run(self, model: Any, percent_to_timestep_function: Any) -> None:
         super().pre_run(model, percent_to_timestep_function)
         self.model_sampling = model.model_sampling
-        self.base.end_planning()
+        self.base.start_run(self.merge_key, self._merge_patches())
 
     def cleanup(self) -> None:
         self.model_sampling = None
         self._latents = None
         self._run_stack = None
         super().cleanup()
+
+    def _merge_patches(self) -> dict[str, Any] | None:
+        return merge_patches(self.stack) if self.merge_key is not None else None
 
     def get_control(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: dict, batched_number: int,
                     transformer_options: dict) -> dict | None:

@@ -3,7 +3,8 @@
 - `CTRLORA_LORA` -> `LoRAHandle`: one condition LoRA and its strength. A file-backed
   handle keeps only the file's path, identity and metadata; the tensors are read when
   Apply CtrLoRA (or a blend) needs them, so ComfyUI's cache of the loader's output
-  holds no tensors. A blended LoRA lives in memory.
+  holds no tensors, and whether the file fits a base is checked from its header
+  (`check_against`) before they are read. A blended LoRA lives in memory.
 - `CTRLORA_CONDITIONS` -> a tuple of `Condition` (LoRA, condition image, weight).
 - `CTRLORA_BASE` -> `nodes.base_model.BaseHandle` (needs ComfyUI, defined there).
 """
@@ -15,9 +16,10 @@ from typing import Any, Hashable
 
 import torch
 
-from ..ctrlora_core.adapters import CtrLoRAAdapter
+from ..ctrlora_core.adapters import CtrLoRAAdapter, check_adapter_shapes
+from ..ctrlora_core.controlnet import CtrLoRAControlNet
 from ..ctrlora_core.files import file_stamp
-from ..ctrlora_core.formats import load_adapter
+from ..ctrlora_core.formats import FileKind, load_adapter, require_kind
 
 LORA_TYPE = "CTRLORA_LORA"
 CONDITIONS_TYPE = "CTRLORA_CONDITIONS"
@@ -53,11 +55,27 @@ class LoRAHandle:
         assert self.path is not None
         return load_adapter(self.path)
 
+    def check_against(self, model: CtrLoRAControlNet) -> None:
+        """Raise CheckpointError unless this LoRA fits `model` (a file's from its header, nothing read)."""
+        if self.adapter is not None:
+            self.adapter.check_against(model, self.name)
+            return
+        assert self.path is not None
+        summary = require_kind(self.path, FileKind.CTRLORA_LORA)
+        check_adapter_shapes(summary.shapes, model, summary.path)
+
     def summary(self) -> str:
-        """One line for the node: name, rank and the file's condition when its metadata has one."""
+        """One line for the node: name, rank, and from the file's metadata when it has them the
+        condition, the maps and blend it was trained on and its loss's region weights."""
         parts = [self.name, f"rank {self.info.get('rank', '?')}"]
         if self.info.get("condition"):
             parts.append(f"condition {self.info['condition']}")
+        if self.info.get("maps"):
+            maps = str(self.info["maps"]).replace(",", "+")
+            blend = f"{self.info.get('blend_mode', '?')} blend {self.info.get('blend_alpha', '?')}"
+            parts.append(f"maps {maps} ({blend})" if "," in str(self.info["maps"]) else f"maps {maps}")
+        if self.info.get("region_weights"):
+            parts.append(f"region weights {self.info['region_weights']}")
         if self.strength != 1.0:
             parts.append(f"strength {self.strength:g}")
         return ", ".join(parts)

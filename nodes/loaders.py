@@ -1,9 +1,15 @@
-"""Nodes that load and combine model files: Load CtrLoRA Base ControlNet, Load CtrLoRA LoRA, Blend CtrLoRA LoRAs."""
+"""Nodes that load and combine model files: Load CtrLoRA Base ControlNet, Load CtrLoRA LoRA, Blend CtrLoRA LoRAs.
+
+A wrong file is refused from its header before its tensors are read (`ctrlora_core.formats`),
+and an error leaving a node keeps no tensors in its traceback (`release_on_error`): ComfyUI
+holds the last error until its next garbage collection.
+"""
 from __future__ import annotations
 
 from typing import Any
 
 from ..ctrlora_core.adapters import LORA_UP, CtrLoRAAdapter, blend_adapters
+from ..ctrlora_core.errors import release_on_error
 from ..ctrlora_core.files import file_stamp
 from ..ctrlora_core.formats import FileKind, save_adapter
 
@@ -46,6 +52,7 @@ class CtrLoRABaseLoader:
     def IS_CHANGED(cls, base_name: str) -> str:
         return _file_stamp(base_name)
 
+    @release_on_error
     def load(self, base_name: str) -> dict:
         from .base_model import load_base_handle  # needs ComfyUI
 
@@ -74,6 +81,7 @@ class CtrLoRALoRALoader:
     def IS_CHANGED(cls, lora_name: str, strength: float) -> str:
         return _file_stamp(lora_name)
 
+    @release_on_error
     def load(self, lora_name: str, strength: float) -> dict:
         lora = LoRAHandle.from_file(model_files.resolve(lora_name), strength)
         return {"ui": {"text": [lora.summary()]}, "result": (lora,)}
@@ -110,6 +118,7 @@ class CtrLoRABlendLoRAs:
             },
         }
 
+    @release_on_error
     def blend(self, lora_1: LoRAHandle, weight_1: float, lora_2: LoRAHandle, weight_2: float,
               lora_3: LoRAHandle | None = None, weight_3: float = 0.5, lora_4: LoRAHandle | None = None,
               weight_4: float = 0.5, rank: int = 0, save_name: str = "") -> dict:

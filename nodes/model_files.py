@@ -33,7 +33,8 @@ FOLDER = "ctrlora"
 CONTROLNET_FOLDER = "controlnet"
 MODEL_EXTENSIONS = set(SAFETENSORS_EXTENSIONS + PICKLE_EXTENSIONS)
 
-_kind_cache: dict[tuple[str, int, int], str | None] = {}
+# real path -> (file stamp, kind): one entry per file, replaced when the file changes
+_kind_cache: dict[str, tuple[tuple[str, int, int], str | None]] = {}
 
 
 def _folder_paths() -> Any:
@@ -57,13 +58,18 @@ def register_folder(folder_paths: Any = None) -> None:
 
 def _header_kind(path: str) -> str | None:
     """Kind (FileKind value) of a .safetensors file from its header, None when unreadable; cached."""
-    key = file_stamp(path)
-    if key not in _kind_cache:
+    try:
+        stamp = file_stamp(path)
+    except OSError:  # gone since it was listed
+        return None
+    cached = _kind_cache.get(stamp[0])
+    if cached is None or cached[0] != stamp:
         try:
-            _kind_cache[key] = describe(path)["kind"]
+            kind = describe(path)["kind"]
         except (CheckpointError, OSError, KeyError, TypeError, ValueError):
-            _kind_cache[key] = None
-    return _kind_cache[key]
+            kind = None
+        cached = _kind_cache[stamp[0]] = (stamp, kind)
+    return cached[1]
 
 
 def _is_ctrlora_file(path: str, name: str, kind: FileKind) -> bool:

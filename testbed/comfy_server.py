@@ -3,15 +3,23 @@
 `ComfyServer(comfy_path, base_dir, python).start()` runs
 
     python main.py --cpu --listen 127.0.0.1 --port <free port> --base-directory <base_dir>
-                   --disable-auto-launch --disable-api-nodes
+                   --disable-auto-launch <no-network flag> [--disable-assets]
 
 in its own process group, with its log in <base_dir>/comfyui.log, and waits for
 /system_stats. `stop()` ends exactly that process group (SIGTERM, then SIGKILL).
+
+Flags that only some ComfyUI versions have are passed after asking that ComfyUI
+(`main.py --help`; an unknown flag would stop it): the no-network flag is `--offline`
+where it exists (newer versions keep `--disable-api-nodes` as a deprecated alias of it),
+else `--disable-api-nodes`; `--disable-assets` where ComfyUI has an assets database
+that is on by default.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -24,6 +32,24 @@ from typing import Any
 
 class ServerError(RuntimeError):
     pass
+
+
+@functools.lru_cache(maxsize=None)
+def offered_flags(comfy_path: str, python: str) -> frozenset[str]:
+    """The command-line flags this ComfyUI's main.py accepts (from its --help)."""
+    done = subprocess.run([python, "main.py", "--help"], cwd=comfy_path, capture_output=True, text=True,
+                          timeout=120)
+    if done.returncode:
+        raise ServerError(f"`main.py --help` failed with code {done.returncode}:\n{done.stderr[-2000:]}")
+    return frozenset(re.findall(r"(?<![\w-])--[a-z0-9][a-z0-9-]*", done.stdout))
+
+
+def version_flags(offered: frozenset[str]) -> list[str]:
+    """No network, and no assets database, in the spelling this ComfyUI understands."""
+    flags = ["--offline" if "--offline" in offered else "--disable-api-nodes"]
+    if "--disable-assets" in offered:
+        flags.append("--disable-assets")
+    return flags
 
 
 def free_port() -> int:
@@ -48,8 +74,8 @@ class ComfyServer:
 
     def start(self, timeout: float = 240.0) -> "ComfyServer":
         command = [self.python, "-u", "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-                   "--base-directory", self.base_dir, "--disable-auto-launch", "--disable-api-nodes",
-                   *self.extra_args]
+                   "--base-directory", self.base_dir, "--disable-auto-launch",
+                   *version_flags(offered_flags(self.comfy_path, self.python)), *self.extra_args]
         env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(command, cwd=self.comfy_path, stdout=log, stderr=subprocess.STDOUT,

@@ -8,10 +8,15 @@ from PIL import Image
 
 from ctrlora_core.conditions import (
     BLEND_MODES,
+    DENTAL_PALETTE,
+    SEG_TOLERANCE,
     ConditionError,
     blend_lighting_seg,
     check_unit_range,
+    flatten_alpha,
     load_image,
+    load_map,
+    region_masks,
     tensor_to_image,
 )
 
@@ -214,3 +219,76 @@ def test_conversion_errors():
         tensor_to_image(torch.zeros(2, 2, 3))
     with pytest.raises(ConditionError, match="layout: expected 'BHWC' or 'BCHW', got 'HWC'"):
         tensor_to_image(torch.zeros(1, 2, 2, 3), layout="HWC")
+
+
+def test_dental_palette():
+    assert DENTAL_PALETTE == {"teeth": (196, 196, 116), "gum": (204, 68, 44), "background": (56, 56, 56)}
+
+
+def test_region_masks_take_the_nearest_colour_within_the_tolerance():
+    teeth, gum, background = (np.array(c, dtype=np.float64) for c in DENTAL_PALETTE.values())
+    pixels = [
+        teeth, gum, background,  # exact colours
+        teeth + [20, -20, 15],  # 32 away from teeth: still teeth
+        teeth + [0, 0, 40], teeth + [0, 0, 41],  # exactly at the tolerance (in), just beyond (out)
+        (teeth + gum) / 2,  # an anti-aliased edge pixel: about 74 from both, in no region
+        [255, 255, 255],  # far from everything
+    ]
+    seg = (np.array(pixels, dtype=np.float32) / 255.0)[None]  # [1, 8, 3]
+    masks = region_masks(seg)
+    assert list(masks) == ["teeth", "gum", "background"] and masks["teeth"].dtype == bool
+    assert masks["teeth"][0].tolist() == [True, False, False, True, True, False, False, False]
+    assert masks["gum"][0].tolist() == [False, True, False, False, False, False, False, False]
+    assert masks["background"][0].tolist() == [False, False, True, False, False, False, False, False]
+    assert SEG_TOLERANCE == 40.0
+    wide = region_masks(seg, tolerance=80.0)
+    assert wide["teeth"][0, 5] and (wide["teeth"][0, 6] or wide["gum"][0, 6])
+    torch_masks = region_masks(torch.from_numpy(seg))
+    assert all(torch.equal(torch_masks[k], torch.from_numpy(masks[k])) for k in masks)
+
+
+def test_region_masks_with_another_palette():
+    seg = np.zeros((2, 2, 3), np.float32)
+    seg[0, 0] = [1.0, 0.0, 0.0]
+    masks = region_masks(seg, {"enamel": (255, 0, 0), "rest": (0, 0, 0)}, tolerance=1.0)
+    assert masks["enamel"].tolist() == [[True, False], [False, False]]
+    assert masks["rest"].sum() == 3
+    with pytest.raises(ConditionError, match="palette: no colours"):
+        region_masks(seg, {})
+
+
+def test_flatten_alpha_composites_over_a_colour():
+    image = np.full((2, 2, 3), 0.8, np.float32)
+    transparency = np.array([[0.0, 1.0], [0.25, 0.5]], np.float32)
+    flat = flatten_alpha(image, transparency, (0, 0, 255))
+    assert flat.dtype == np.float32
+    np.testing.assert_allclose(flat[0, 0], [0.8, 0.8, 0.8])
+    np.testing.assert_allclose(flat[0, 1], [0.0, 0.0, 1.0])
+    np.testing.assert_allclose(flat[1, 0], [0.6, 0.6, 0.85], rtol=1e-6)
+    batch = flatten_alpha(torch.from_numpy(image)[None], torch.from_numpy(transparency)[None], (0, 0, 255))
+    assert torch.equal(batch[0], torch.from_numpy(flat))
+    with pytest.raises(ConditionError, match=r"transparency mask \(3, 3\) does not match the image \(2, 2, 3\)"):
+        flatten_alpha(image, np.zeros((3, 3), np.float32), (0, 0, 0))
+    with pytest.raises(ConditionError, match="transparency mask: values must be in"):
+        flatten_alpha(image, transparency * 2, (0, 0, 0))
+
+
+def test_load_map_flattens_transparent_files_as_load_image_reads_them(tmp_path):
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., :3] = 200
+    rgba[..., 3] = [[0, 64, 128, 255]] * 4
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    flat = load_map(tmp_path / "a.png", (56, 56, 56))
+    transparency = 1.0 - rgba[..., 3].astype(np.float32) / 255.0
+    expected = (np.float32(200 / 255) * (1 - transparency) + np.float32(56 / 255) * transparency)
+    np.testing.assert_allclose(flat[..., 0], expected, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(load_image(tmp_path / "a.png"), np.full((4, 4, 3), np.float32(200) / 255))
+    # a palette file with a transparent index is transparent there, an opaque file is returned as it is
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([255, 0, 0, 0, 255, 0])
+    palette.putpixel((1, 0), 1)
+    palette.info["transparency"] = 1
+    palette.save(tmp_path / "p.png", transparency=1)
+    np.testing.assert_array_equal(load_map(tmp_path / "p.png", (0, 0, 255))[0], [[1, 0, 0], [0, 0, 1]])
+    Image.fromarray(rgba[..., :3]).save(tmp_path / "rgb.png")
+    assert np.array_equal(load_map(tmp_path / "rgb.png", (56, 56, 56)), load_image(tmp_path / "rgb.png"))

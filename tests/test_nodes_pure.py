@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from ComfyUI_CtrLoRA.ctrlora_core.adapters import blend_adapters
-from ComfyUI_CtrLoRA.ctrlora_core.conditions import ConditionError, blend_lighting_seg
+from ComfyUI_CtrLoRA.ctrlora_core.conditions import DENTAL_PALETTE, ConditionError, blend_lighting_seg
 from ComfyUI_CtrLoRA.ctrlora_core.config import ControlNetConfig
 from ComfyUI_CtrLoRA.ctrlora_core.errors import CheckpointError
 from ComfyUI_CtrLoRA.ctrlora_core.formats import FileKind, load_adapter, save_adapter
@@ -108,6 +108,24 @@ def test_loaders_list_ctrlora_files_and_only_ctrlora_files_of_controlnet(folders
                                                                               "ctrlora_official.ckpt"])
 
 
+def test_listing_reads_only_headers_and_keeps_one_answer_per_file(folders, small):
+    """A CtrLoRA file in models/controlnet is classified from its header (its tensor data may be cut off)."""
+    path = os.path.join(folders.folder_names_and_paths["controlnet"][0][0], "cut.safetensors")
+    with open(small.paths["b"], "rb") as f:
+        raw = f.read()
+    header = 8 + int.from_bytes(raw[:8], "little")
+    with open(path, "wb") as f:
+        f.write(raw[:header + 16])
+    assert "cut.safetensors" in model_files.list_files(FileKind.CTRLORA_LORA)
+    assert "cut.safetensors" not in model_files.list_files(FileKind.CTRLORA_BASE)
+    with open(small.paths["base"], "rb") as f:  # the file is replaced by a base: the answer follows
+        raw = f.read()
+    with open(path, "wb") as f:
+        f.write(raw[:8 + int.from_bytes(raw[:8], "little") + 16])
+    assert "cut.safetensors" in model_files.list_files(FileKind.CTRLORA_BASE)
+    assert [k for k in model_files._kind_cache if k.endswith("cut.safetensors")] == [os.path.realpath(path)]
+
+
 def test_names_resolve_in_ctrlora_first_then_controlnet(folders):
     assert model_files.resolve("sub/a.safetensors").endswith(os.path.join("ctrlora", "sub", "a.safetensors"))
     assert model_files.resolve("cn_lora.safetensors").endswith(os.path.join("controlnet", "cn_lora.safetensors"))
@@ -186,6 +204,22 @@ def test_blend_lighting_seg_node_is_the_core_blend():
     assert torch.equal(out, blend_lighting_seg(lighting, seg, 0.3, "overlay"))
     with pytest.raises(ConditionError, match="same size"):
         CtrLoRABlendLightingSeg().blend(lighting, torch.rand(1, 8, 8, 3), 0.5, "alpha")
+    assert CtrLoRABlendLightingSeg.INPUT_TYPES()["required"]["alpha"][1]["default"] == 0.3
+
+
+def test_blend_node_flattens_transparent_maps_over_black_and_the_palette_background():
+    lighting, seg = torch.rand(1, 4, 4, 3), torch.rand(1, 4, 4, 3)
+    transparent = torch.zeros(1, 4, 4)
+    transparent[:, 0, 0] = 1.0  # Load Image's mask: 1 = transparent
+    (out,) = CtrLoRABlendLightingSeg().blend(lighting, seg, 0.3, "alpha", transparent, transparent)
+    background = torch.tensor(DENTAL_PALETTE["background"]) / 255.0
+    torch.testing.assert_close(out[0, 0, 0], 0.3 * background, rtol=0, atol=1e-6)  # 0.7 * black + 0.3 * grey
+    assert torch.equal(out[:, 1:], blend_lighting_seg(lighting, seg, 0.3, "alpha")[:, 1:])
+    # Load Image gives a 64x64 zero mask for a file without alpha: the image stays as it is
+    (same,) = CtrLoRABlendLightingSeg().blend(lighting, seg, 0.3, "alpha", torch.zeros(1, 64, 64), None)
+    assert torch.equal(same, blend_lighting_seg(lighting, seg, 0.3, "alpha"))
+    with pytest.raises(ConditionError, match="transparency mask"):
+        CtrLoRABlendLightingSeg().blend(lighting, seg, 0.3, "alpha", torch.ones(1, 8, 8))
 
 
 def test_dental_prompt_from_widgets_or_file_name():
@@ -195,8 +229,21 @@ def test_dental_prompt_from_widgets_or_file_name():
     assert node.prompt("upper", "top", DEFAULT_TEMPLATE)[0].startswith("a 3D dental model of upper teeth, top view")
     with pytest.raises(PromptError, match="unknown placeholder"):
         node.prompt("upper", "top", "{tooth}")
-    with pytest.raises(PromptError, match="expected a file name"):
+    with pytest.raises(PromptError, match="molar.png: no jaw word"):
         node.prompt("upper", "top", "{jaw}", "molar.png")
+
+
+@pytest.mark.parametrize(("file_name", "expected"), [
+    ("lighting_lower_patient7_bottom.png", "lower/bottom/"),
+    ("seg_lower_patient7_bottom.png", "lower/bottom/"),
+    ("matt_upper_smith_right_1.png", "upper/right/"),
+    ("unlit_upper_smith_front_top_left.png", "upper/front/top left"),
+    ("lower_XY12ZW34_front_slightly_up.png", "lower/front/slightly up"),
+    ("upper_AB12CD34_front_weight_5.png", "upper/front/"),
+    ("  mandible_left.png ", "lower/left/"),
+])
+def test_dental_prompt_parses_the_users_file_names(file_name, expected):
+    assert CtrLoRADentalPrompt().prompt("upper", "top", "{jaw}/{view}/{view_detail}", file_name) == (expected,)
 
 
 def test_block_multipliers():

@@ -17,11 +17,11 @@ CONTRACT = {
     "CtrLoRAApply": ("Apply CtrLoRA", ["positive", "negative", "base", "conditions", "vae", "strength",
                                        "start_percent", "end_percent"], ["apply_to_uncond", "block_weighting", "residual_cache"],
                      ("CONDITIONING", "CONDITIONING")),
-    "CtrLoRABlendLightingSeg": ("Blend Lighting + Segmentation", ["lighting", "segmentation", "alpha", "mode"], [],
-                                ("IMAGE",)),
+    "CtrLoRABlendLightingSeg": ("Blend Lighting + Segmentation", ["lighting", "segmentation", "alpha", "mode"],
+                                ["lighting_mask", "segmentation_mask"], ("IMAGE",)),
     "CtrLoRADentalPrompt": ("Dental Prompt", ["jaw", "view", "template"], ["file_name"], ("STRING",)),
 }
-SOCKET_TYPES = {"CTRLORA_BASE", "CTRLORA_LORA", "CTRLORA_CONDITIONS", "CONDITIONING", "VAE", "IMAGE"}
+SOCKET_TYPES = {"CTRLORA_BASE", "CTRLORA_LORA", "CTRLORA_CONDITIONS", "CONDITIONING", "VAE", "IMAGE", "MASK"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 
 

@@ -34,8 +34,49 @@ def load(name: str) -> dict:
         return json.load(f)
 
 
-def test_the_three_examples_exist():
-    assert NAMES == ["dental_multi_condition", "dental_single_condition", "lora_blending"]
+def test_the_four_examples_exist():
+    assert NAMES == ["dental_fast", "dental_multi_condition", "dental_single_condition", "lora_blending"]
+
+
+def nodes_of(workflow: dict, node_type: str) -> list[dict]:
+    return [node for node in workflow["nodes"] if node["type"] == node_type]
+
+
+def widgets(workflow: dict, node_type: str) -> dict:
+    """The widget values of the one `node_type` node, by input name."""
+    (node,) = nodes_of(workflow, node_type)
+    return dict(zip(slots_of(node_type), node["widgets_values"], strict=True))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_dental_settings_are_the_users_and_the_note_says_why(name):
+    """CFG in 2-4.5, the maps blended at 0.3 (alpha), decoded by the checkpoint's full VAE."""
+    workflow = load(name)
+    sampler = widgets(workflow, "KSampler")
+    assert 2.0 <= sampler["cfg"] <= 4.5
+    assert widgets(workflow, "CtrLoRABlendLightingSeg") == {"alpha": 0.3, "mode": "alpha"}
+    nodes_by_id = {node["id"]: node for node in workflow["nodes"]}
+    vae_sources = {nodes_by_id[src]["type"] for _, src, _, _, _, kind in workflow["links"] if kind == "VAE"}
+    assert vae_sources == {"CheckpointLoaderSimple"}  # no TAESD (VAELoader) anywhere
+    (note,) = nodes_of(workflow, "MarkdownNote")
+    text = note["widgets_values"][0]
+    assert f"CFG {sampler['cfg']}" in text and "7.5 blurred" in text
+    assert "alpha 0.3" in text and "TAESD lost tooth detail" in text
+    assert f"{sampler['steps']} steps" in text
+
+
+def test_dental_fast_is_few_unipc_steps_at_512_with_one_condition():
+    workflow = load("dental_fast")
+    sampler = widgets(workflow, "KSampler")
+    assert sampler["sampler_name"] in ("uni_pc", "uni_pc_bh2") and 6 <= sampler["steps"] <= 8
+    assert widgets(workflow, "EmptyLatentImage") == {"width": 512, "height": 512, "batch_size": 1}
+    assert len(nodes_of(workflow, "CtrLoRACondition")) == 1 and len(nodes_of(workflow, "CtrLoRALoRALoader")) == 1
+    assert "LCM over-smoothed" in nodes_of(workflow, "MarkdownNote")[0]["widgets_values"][0]
+
+
+@pytest.mark.parametrize("name", ["dental_multi_condition", "lora_blending"])
+def test_notes_of_two_lora_workflows_warn_of_ghosting(name):
+    assert "ghosting" in nodes_of(load(name), "MarkdownNote")[0]["widgets_values"][0]
 
 
 @pytest.mark.parametrize("name", NAMES)

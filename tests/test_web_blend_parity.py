@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from ctrlora_core.conditions import BLEND_MODES, ConditionError, blend_lighting_seg, tensor_to_image
+from ctrlora_core.conditions import (
+    BLEND_MODES,
+    DENTAL_PALETTE,
+    ConditionError,
+    blend_lighting_seg,
+    flatten_alpha,
+    tensor_to_image,
+)
 from node_js import requires_node, run_js
 
 pytestmark = requires_node
@@ -96,3 +103,32 @@ def test_invalid_arguments_are_refused_on_both_sides(alpha, mode):
         catch (err) { return err.message; }
     """, {"alpha": str(alpha), "mode": mode})
     assert message and ("mode" in message if mode not in BLEND_MODES else "alpha" in message)
+
+
+def test_flattening_colours_match_the_core():
+    assert run_js("blend.js", "return lib.FLATTEN_COLOURS;", None) == {
+        "lighting": [0, 0, 0], "segmentation": list(DENTAL_PALETTE["background"])}
+
+
+def test_flattened_blend_bytes_match_the_core():
+    """With mask inputs connected the preview flattens transparent maps as the node does."""
+    lighting, seg = _every_byte_pair()  # random alpha bytes
+    colours = {"lighting": (0, 0, 0), "segmentation": DENTAL_PALETTE["background"]}
+    for flatten in ({"lighting": colours["lighting"]}, {"segmentation": colours["segmentation"]}, colours):
+        data = {"lighting": base64.b64encode(lighting.tobytes()).decode(),
+                "seg": base64.b64encode(seg.tobytes()).decode(), "flatten": flatten}
+        out = run_js("blend.js", """
+            const l = new Uint8ClampedArray(Buffer.from(data.lighting, "base64"));
+            const s = new Uint8ClampedArray(Buffer.from(data.seg, "base64"));
+            return Buffer.from(lib.blendRGBA(l, s, 0.3, "overlay", data.flatten)).toString("base64");
+        """, data)
+        got = np.frombuffer(base64.b64decode(out), np.uint8).reshape(lighting.shape)
+        maps = []
+        for name, image in (("lighting", lighting), ("segmentation", seg)):
+            rgb = image[..., :3] / 255.0
+            maps.append(flatten_alpha(rgb, 1.0 - image[..., 3] / 255.0, flatten[name]) if name in flatten else rgb)
+        expected = np.round(blend_lighting_seg(*maps, 0.3, "overlay") * 255.0).astype(np.uint8)
+        mismatches = int((got[..., :3] != expected).sum())
+        assert mismatches == 0, f"{sorted(flatten)}: {mismatches} channel values differ"
+        unflattened = np.round(blend_lighting_seg(lighting / 255.0, seg / 255.0, 0.3, "overlay") * 255.0)
+        assert (unflattened[..., :3] != expected).mean() > 0.5  # the alpha bytes do change the result

@@ -27,6 +27,41 @@ DEPTH_LORA = "ctrlora_sd15_basecn700k_depth.ckpt"
 SEG_LORA = "ctrlora_sd15_basecn700k_seg.ckpt"
 NEGATIVE = "blurry, low quality, deformed, cartoon, drawing, text, watermark"
 
+# The dental settings the user found best (issue 10): CFG in 2-4.5, the segmentation map at
+# 30 % opacity over the lighting map (what the LoRA is trained on), the checkpoint's full VAE.
+DENTAL_CFG = 3.5
+BLEND_ALPHA = 0.3
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """KSampler settings of a workflow."""
+
+    steps: int
+    cfg: float
+    sampler: str
+    scheduler: str
+
+
+QUALITY = Sampling(steps=20, cfg=DENTAL_CFG, sampler="ddim", scheduler="ddim_uniform")  # the official sampler
+# uni_pc_bh2: ComfyUI's UniPC with the B(h) = e^h - 1 corrector, the variant meant for guided sampling
+FAST = Sampling(steps=8, cfg=DENTAL_CFG, sampler="uni_pc_bh2", scheduler="simple")
+
+
+def _why(sampling: Sampling) -> str:
+    """The note's paragraph on the settings and the reasons for them."""
+    if sampling == FAST:
+        sampler = (f"- UniPC (`{FAST.sampler}`, the variant for guided sampling), {FAST.steps} steps: the user's "
+                   "fast sampler; LCM over-smoothed the teeth.\n"
+                   "- 512 x 512 and one condition: each further condition is one more ControlNet pass per step.\n")
+    else:
+        sampler = f"- DDIM, {sampling.steps} steps: the official CtrLoRA sampler; `dental_fast` is the quick variant.\n"
+    return ("**Settings and why** (the user's tests on real dental data):\n"
+            f"- CFG {sampling.cfg}: 2-4.5 keeps the tooth/gum boundaries sharp; 7.5 blurred them.\n"
+            f"- Blend alpha {BLEND_ALPHA} (mode alpha): the segmentation at 30 % opacity over the lighting map, "
+            "the blend the LoRA is trained on (`train_lora.py` uses the node's function).\n"
+            "- Full VAE (the checkpoint's): TAESD lost tooth detail.\n" + sampler)
+
 # Core nodes used: (link inputs, outputs) as (name, type) pairs, in ComfyUI's order.
 CORE: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]]]] = {
     "CheckpointLoaderSimple": ([], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
@@ -55,7 +90,7 @@ def _pack_slots(node_type: str) -> tuple[list[tuple[str, str, bool]], list[tuple
 
 # Sizes the nodes are drawn at (at least what the front end computes, with the web panels).
 SIZES = {
-    "MarkdownNote": (330, 220), "LoadImage": (300, 340), "CtrLoRABlendLightingSeg": (320, 360),
+    "MarkdownNote": (340, 520), "LoadImage": (300, 340), "CtrLoRABlendLightingSeg": (320, 360),
     "PreviewImage": (300, 300), "CtrLoRALoRALoader": (340, 190), "CtrLoRACondition": (300, 100),
     "CtrLoRABlendLoRAs": (300, 240), "CheckpointLoaderSimple": (340, 100), "CtrLoRABaseLoader": (340, 170),
     "CtrLoRADentalPrompt": (400, 250), "CLIPTextEncode": (400, 170), "CtrLoRAApply": (300, 264),
@@ -143,10 +178,10 @@ def column(x: int, *nodes: Node, y: int = 0) -> None:
         y += SIZES[node.type][1] + GAP
 
 
-def _sampling_tail(g: Graph, checkpoint: Node, apply: Node, x: int) -> None:
-    """Empty latent -> KSampler (official defaults: DDIM, 20 steps, CFG 7.5) -> decode -> save."""
+def _sampling_tail(g: Graph, checkpoint: Node, apply: Node, x: int, sampling: Sampling) -> None:
+    """Empty latent (512 x 512) -> KSampler -> decode with the checkpoint's full VAE -> save."""
     latent = g.add("EmptyLatentImage", [512, 512, 1])
-    sampler = g.add("KSampler", [0, "fixed", 20, 7.5, "ddim", "ddim_uniform", 1.0])
+    sampler = g.add("KSampler", [0, "fixed", sampling.steps, sampling.cfg, sampling.sampler, sampling.scheduler, 1.0])
     g.link(checkpoint, 0, sampler, "model")
     g.link(apply, 0, sampler, "positive")
     g.link(apply, 1, sampler, "negative")
@@ -164,9 +199,12 @@ def _dental_condition_image(g: Graph, note: Node, *more_inputs: Node) -> Node:
     """Lighting + segmentation maps -> blended condition image (with a preview); column 0 and 1."""
     lighting = g.add("LoadImage", ["upper_front_lighting.png", "image"], title="Lighting map")
     seg = g.add("LoadImage", ["upper_front_seg.png", "image"], title="Segmentation map")
-    blend = g.add("CtrLoRABlendLightingSeg", [0.5, "alpha"])
+    blend = g.add("CtrLoRABlendLightingSeg", [BLEND_ALPHA, "alpha"])
     g.link(lighting, 0, blend, "lighting")
     g.link(seg, 0, blend, "segmentation")
+    # Load Image's MASK carries the map's transparency: the blend flattens transparent maps as the trainer does
+    g.link(lighting, 1, blend, "lighting_mask")
+    g.link(seg, 1, blend, "segmentation_mask")
     preview = g.add("PreviewImage", [], title="Condition image")
     g.link(blend, 0, preview, "images")
     column(0, note, lighting, seg)
@@ -186,7 +224,7 @@ def _note(g: Graph, text: str) -> Node:
     return g.add("MarkdownNote", [text], color=NOTE_COLOR)
 
 
-def _prompts_base_apply(g: Graph, conditions: Node) -> None:
+def _prompts_base_apply(g: Graph, conditions: Node, sampling: Sampling = QUALITY) -> None:
     """Checkpoint, Base ControlNet, prompts -> Apply CtrLoRA -> sampling (columns 3 to 6)."""
     checkpoint = g.add("CheckpointLoaderSimple", [CHECKPOINT])
     base = g.add("CtrLoRABaseLoader", [BASE])
@@ -204,32 +242,44 @@ def _prompts_base_apply(g: Graph, conditions: Node) -> None:
     g.link(checkpoint, 2, apply, "vae")
     column(1100, checkpoint, base, prompt)
     column(1540, positive, negative, apply)
-    _sampling_tail(g, checkpoint, apply, 1980)
+    _sampling_tail(g, checkpoint, apply, 1980, sampling)
 
 
-def dental_single_condition() -> dict:
+def _single_condition(title: str, sampling: Sampling) -> dict:
+    """Lighting + segmentation -> one LoRA -> Apply CtrLoRA -> `sampling`; the note starts with `title`."""
     g = Graph()
-    note = _note(g, "### CtrLoRA: dental render from one condition\n"
+    note = _note(g, f"### {title}\n"
                  f"- `models/checkpoints/{CHECKPOINT}` (SD1.5)\n"
                  f"- `models/ctrlora/{BASE}` (official Base ControlNet)\n"
                  f"- `models/ctrlora/{DENTAL_LORA}` (trained with `train/train_lora.py`)\n"
-                 "- lighting and segmentation maps of the teeth model in `input/`\n\n"
-                 "The prompt comes from the jaw and view (or a file name such as `upper_front_0001.png`).")
+                 "- lighting and segmentation maps of the teeth model in `input/`\n\n" + _why(sampling) +
+                 "\nThe prompt comes from the jaw and view (or a file name such as `upper_front_0001.png`).")
     condition_image = _dental_condition_image(g, note)
     lora = g.add("CtrLoRALoRALoader", [DENTAL_LORA, 1.0])
     condition = _condition(g, lora, condition_image, 1.0)
     column(720, lora, condition)
-    _prompts_base_apply(g, condition)
+    _prompts_base_apply(g, condition, sampling)
     return g.to_json()
+
+
+def dental_single_condition() -> dict:
+    return _single_condition("CtrLoRA: dental render from one condition", QUALITY)
+
+
+def dental_fast() -> dict:
+    return _single_condition("CtrLoRA: fast dental render (sub-second goal)", FAST)
 
 
 def dental_multi_condition() -> dict:
     g = Graph()
     note = _note(g, "### CtrLoRA: two conditions on one Base ControlNet\n"
                  f"1. lighting + segmentation with `{DENTAL_LORA}`\n"
-                 f"2. a depth render of the same teeth model with the official `{DEPTH_LORA}`\n\n"
+                 f"2. a depth render of the same teeth model with the official `{DEPTH_LORA}`, weight 0.5\n\n"
                  "Chain any number of **CtrLoRA Condition** nodes: they run as one batch through one copy "
-                 "of the base; their residuals are summed with the condition weights.")
+                 "of the base; their residuals are summed with the condition weights.\n\n"
+                 "Lighting and segmentation stay blended into ONE condition: two weighted LoRAs, one per map, "
+                 "gave ghosting and concept bleed in the user's tests. Add a second condition for what the "
+                 "first lacks (here depth), at a lower weight.\n\n" + _why(QUALITY))
     depth_image = g.add("LoadImage", ["upper_front_depth.png", "image"], title="Depth map")
     condition_image = _dental_condition_image(g, note, depth_image)
     dental_lora = g.add("CtrLoRALoRALoader", [DENTAL_LORA, 1.0])
@@ -247,7 +297,11 @@ def lora_blending() -> dict:
     note = _note(g, "### CtrLoRA: blend two LoRAs into one condition\n"
                  f"`{DENTAL_LORA}` x 0.7 + the official `{SEG_LORA}` x 0.3, used for the lighting + "
                  "segmentation condition. rank 0 keeps the blend exact; a save_name writes it to "
-                 "`models/ctrlora/` to load later like any LoRA.")
+                 "`models/ctrlora/` to load later like any LoRA.\n\n"
+                 "Mind the user's finding: weighting a lighting LoRA against a segmentation LoRA gave ghosting "
+                 "and concept bleed; one LoRA trained on the blended maps (`dental_single_condition`) did "
+                 "better. On ghosting, lower the second weight.\n\n"
+                 + _why(QUALITY))
     condition_image = _dental_condition_image(g, note)
     dental_lora = g.add("CtrLoRALoRALoader", [DENTAL_LORA, 1.0])
     seg_lora = g.add("CtrLoRALoRALoader", [SEG_LORA, 1.0])
@@ -262,6 +316,7 @@ def lora_blending() -> dict:
 
 WORKFLOWS = {
     "dental_single_condition": dental_single_condition,
+    "dental_fast": dental_fast,
     "dental_multi_condition": dental_multi_condition,
     "lora_blending": lora_blending,
 }

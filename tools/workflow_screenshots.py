@@ -55,13 +55,14 @@ FIT_VIEW = """() => {
 
 
 def render_inputs(folder: str, python: str) -> None:
-    """upper_front_{lighting,seg,depth}.png from the procedural dental renderer."""
+    """upper_front_{lighting,seg,depth}.png from the procedural dental renderer (the maps layout)."""
     with tempfile.TemporaryDirectory() as out:
-        subprocess.run([python, os.path.join(ROOT, "demo", "synth_dental.py"), "--out", out, "--count", "12",
+        subprocess.run([python, os.path.join(ROOT, "demo", "synth_dental.py"), "--out", out, "--count", "2",
                         "--size", "256", "--extra-maps", "depth"], check=True)
-        names = sorted(os.listdir(os.path.join(out, "source_lighting")))
-        name = next((n for n in names if n.startswith("upper_front")), names[0])
-        for source, target in (("source_lighting", "lighting"), ("source_seg", "seg"), ("depth", "depth")):
+        names = sorted(os.listdir(os.path.join(out, "lighting")))
+        # an upper front view (sample 1): the key is <jaw>_<id>_<view>[_<detail or tag>...]
+        name = next(n for n in names if n.removesuffix(".png").split("_")[0:3:2] == ["upper", "front"])
+        for source, target in (("lighting", "lighting"), ("segmentation", "seg"), ("depth", "depth")):
             shutil.copy(os.path.join(out, source, name), os.path.join(folder, f"upper_front_{target}.png"))
 
 

@@ -6,7 +6,9 @@
 The official fine-tuning recipe (spec §5): LoRA rank 128 on every Linear of the frozen Base
 ControlNet + the condition's own zero convs and attention norms (37M trainable parameters at
 SD1.5), SD frozen, AdamW lr 1e-5, the prompt replaced by "" 30% of the time, epsilon-prediction
-MSE with t uniform in [0, 1000). Faster than the official code, same maths: every image and
+MSE with t uniform in [0, 1000). Dental data may come as separate lighting and segmentation maps
+(--maps, blended exactly as the Blend Lighting + Segmentation node does) and train with the
+tooth-weighted loss (--region-weights teeth=5). Faster than the official code, same maths: every image and
 prompt is encoded once and cached (posterior moments, so each step still draws a fresh latent
 sample), bf16 autocast on GPUs, SDPA attention, optional gradient checkpointing and torch.compile.
 
@@ -36,7 +38,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
+try:  # installed by name (`pip install -e .`); a clear message instead of a bare ModuleNotFoundError
+    import ctrlora_core  # noqa: F401
+except ModuleNotFoundError:
+    sys.exit("error: the pack is not installed in this Python; run once: "
+             "python -m pip install --no-deps -e <the pack's folder>   (README: Trainer > Install)")
+
 from ctrlora_core.adapters import CtrLoRAAdapter, stack_adapters
+from ctrlora_core.conditions import BLEND_MODES, DENTAL_BLEND_ALPHA, SEG_TOLERANCE
 from ctrlora_core.errors import CtrLoRAError
 from ctrlora_core.files import atomic_write, file_sha256
 from ctrlora_core.formats import save_adapter
@@ -45,10 +54,11 @@ from ctrlora_core.schedule import NoiseSchedule
 from train import distributed
 from train.backbones import open_backbone
 from train.backbones.backbone import Backbone, sample_latent
-from train.dataset import Pair, check_dataset, image_size, load_pair
+from train.dataset import SEGMENTATION, MapBlend, Pair, check_dataset, image_size, load_pair
 from train.devices import pick_device, resolve_precision
-from train.latent_cache import LatentSet, cached_latents, cached_prompts
+from train.latent_cache import LatentSet, cached_latents, cached_prompts, segmentation_file
 from train.metrics import psnr, ssim
+from train.regions import RegionWeights, missing_region_warnings, parse_palette, weight_map, weighted_mse
 from train.sampling import sample_images, save_grid
 
 
@@ -62,12 +72,22 @@ def _opt(default, help: str):  # noqa: A002
 @dataclass
 class TrainConfig:
     # data
-    data: str = _opt("", "dataset folder: official layout (prompt.json + source/ + target/) or dental layout "
-                         "(source/ + target/ with matching file names; prompts from file names or <name>.txt)")
+    data: str = _opt("", "dataset folder: official layout (prompt.json + source/ + target/), dental layout "
+                         "(source/ + target/ with matching file names; prompts from file names or <name>.txt), "
+                         "or with --maps the maps layout (lighting/ + segmentation/ + target/, or one folder of "
+                         "lighting_<key>.png, seg_<key>.png and <key>.png)")
+    maps: str = _opt("", "maps layout: the maps blended into the condition, in blend order (first = base layer), "
+                         "e.g. 'lighting,segmentation' ('seg' = 'segmentation'); empty = a ready-made condition "
+                         "(official or dental layout)")
+    blend_alpha: float = _opt(DENTAL_BLEND_ALPHA, "maps layout: alpha of the blend, as the Blend Lighting + "
+                                                  "Segmentation node's alpha (default: 0.3 = the segmentation at "
+                                                  "30 percent opacity, the dental recipe)")
+    blend_mode: str = _opt("alpha", f"maps layout: blend mode, as the node's mode ({', '.join(BLEND_MODES)})")
     val_data: str = _opt("", "held-out dataset folder for validation (default: hold out --val-count pairs of --data)")
     val_count: int = _opt(4, "pairs held out of --data for validation when --val-data is not given (0 = none)")
-    prompt_template: str = _opt(DEFAULT_TEMPLATE, "dental layout: prompt made from '<jaw>_<view>_...' file names; "
-                                                  "placeholders {jaw} and {view}")
+    prompt_template: str = _opt(DEFAULT_TEMPLATE, "dental and maps layouts: prompt made from file names with a jaw "
+                                                  "word and a view word ('lighting_upper_AB12_front_top_left.png'); "
+                                                  "placeholders {jaw}, {view} and {view_detail}")
     skip_bad: bool = _opt(False, "skip invalid pairs (still listed) instead of stopping")
     condition: str = _opt("", "condition name stored in the LoRA metadata (default: the --data folder name)")
     # models
@@ -85,6 +105,13 @@ class TrainConfig:
     batch_size: int = _opt(1, "pairs per process per micro-step")
     grad_accum: int = _opt(1, "micro-steps per optimizer step; global batch = batch-size x grad-accum x processes")
     prompt_dropout: float = _opt(0.3, "probability of training a pair with the empty prompt (official: 0.3)")
+    region_weights: str = _opt("", "tooth-weighted loss: weights of segmentation regions, e.g. 'teeth=5,gum=1' "
+                                   "(per latent position W = 1 + sum M_region * (weight - 1), loss = mean(W * "
+                                   "(eps - eps_hat)^2); needs --maps with segmentation); empty = plain MSE")
+    seg_palette: str = _opt("", "segmentation colours replacing or adding to the dental palette teeth=#C4C474,"
+                                "gum=#CC442C,background=#383838, e.g. 'teeth=#C8C878'")
+    seg_tolerance: float = _opt(SEG_TOLERANCE, "largest distance of a segmentation pixel from its region's colour "
+                                               "(Euclidean, 8-bit RGB units, 0-441; default: 40)")
     seed: int = _opt(0, "seed of the adapter init, data order, noise and timesteps")
     # speed and memory
     device: str = _opt("auto", "auto (CUDA when available, one GPU per torchrun process), cpu, cuda, cuda:N, mps")
@@ -110,7 +137,8 @@ STATE_FILE = "train_state.pt"
 LOG_FILE = "log.jsonl"
 # Options that must not change when a run is resumed (the others may, e.g. --steps).
 RESUME_FIXED = ("data", "model", "base", "rank", "batch_size", "grad_accum", "seed", "prompt_dropout",
-                "prompt_template", "val_data", "val_count")
+                "prompt_template", "val_data", "val_count", "maps", "blend_alpha", "blend_mode", "region_weights",
+                "seg_palette", "seg_tolerance")
 
 
 def _field_type(f) -> type:
@@ -181,9 +209,33 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         (config.precision in ("auto", "bf16", "fp16", "fp32"), "--precision must be auto, bf16, fp16 or fp32"),
         (config.val_count >= 0 and config.val_every >= 0 and config.save_every >= 0, "counts must be >= 0"),
     ) if not ok]
+    try:
+        map_blend(config)
+        region_weights(config)
+    except CtrLoRAError as err:
+        problems.append(str(err))
     if problems:
         parser.error("; ".join(problems))
     return config
+
+
+def map_blend(config: TrainConfig) -> MapBlend | None:
+    """The maps layout's blend from --maps, --blend-alpha, --blend-mode (None without --maps)."""
+    if not config.maps.strip():
+        return None
+    background = parse_palette(config.seg_palette)["background"]
+    return MapBlend.parse(config.maps, config.blend_alpha, config.blend_mode, background)
+
+
+def region_weights(config: TrainConfig) -> RegionWeights | None:
+    """The region-weighted loss from --region-weights, --seg-palette, --seg-tolerance (None = plain MSE)."""
+    if not config.region_weights.strip():
+        return None
+    blend = map_blend(config)
+    if blend is None or SEGMENTATION not in blend.maps:
+        raise CtrLoRAError("--region-weights needs the maps layout with a segmentation map "
+                           "(e.g. --maps lighting,segmentation)")
+    return RegionWeights.parse(config.region_weights, config.seg_palette, config.seg_tolerance)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,6 +282,7 @@ class Batch:
     t: torch.Tensor  # timesteps [B] int64
     noise: torch.Tensor  # the eps target
     context: torch.Tensor  # text embeddings [B, L, D]
+    weight: torch.Tensor | None = None  # region-weighted loss: W [B, 1, h, w] (None = plain MSE)
 
 
 def slot_generator(seed: int, epoch: int, position: int) -> torch.Generator:
@@ -264,10 +317,12 @@ def make_batch(cond_moments: torch.Tensor, target_moments: torch.Tensor, prompt_
 
 
 def loss_on(model: nn.Module, batch: Batch, autocast_dtype: torch.dtype | None) -> torch.Tensor:
-    """Epsilon-prediction MSE of one micro-batch."""
+    """Epsilon-prediction MSE of one micro-batch, weighted by batch.weight when it has one."""
     with torch.autocast(batch.x_t.device.type, autocast_dtype, enabled=autocast_dtype is not None):
         eps = model(batch.hint, batch.x_t, batch.t, batch.context)
-    return F.mse_loss(eps.float(), batch.noise.float())
+    if batch.weight is None:
+        return F.mse_loss(eps.float(), batch.noise.float())
+    return weighted_mse(eps.float(), batch.noise.float(), batch.weight)
 
 
 def rng_states() -> dict:
@@ -314,7 +369,8 @@ def validate(backbone: Backbone, adapter: CtrLoRAAdapter, val: ValidationSet, co
 def split_validation(pairs: list[Pair], config: TrainConfig) -> tuple[list[Pair], list[Pair]]:
     """(training pairs, held-out pairs): --val-data, or --val-count pairs chosen with the seed."""
     if config.val_data:
-        val_pairs, _ = check_dataset(config.val_data, PromptTemplate(config.prompt_template), config.skip_bad)
+        val_pairs, _ = check_dataset(config.val_data, PromptTemplate(config.prompt_template), config.skip_bad,
+                                     blend=map_blend(config))
         return pairs, val_pairs[: max(config.val_count, 1)]
     if config.val_count == 0 or config.val_every == 0:
         return pairs, []
@@ -360,7 +416,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # -- data: validate everything before any training
     template = PromptTemplate(config.prompt_template)
-    pairs, issues = check_dataset(config.data, template, config.skip_bad)
+    blend, regions = map_blend(config), region_weights(config)
+    pairs, issues = check_dataset(config.data, template, config.skip_bad, blend=blend)
     if issues:
         say(f"skipping {len(issues)} problem(s) (--skip-bad):\n" + "\n".join(f"  - {i}" for i in issues))
     train_pairs, val_pairs = split_validation(pairs, config)
@@ -375,19 +432,27 @@ def main(argv: list[str] | None = None) -> dict:
     build = dist_info.local_rank == 0
     if cache_dir is None or build:
         latents, built = cached_latents(backbone, train_pairs + val_pairs, (width, height), cache_dir, identity,
-                                        build=True, batch_size=config.encode_batch_size, show_progress=main_process)
+                                        build=True, batch_size=config.encode_batch_size, show_progress=main_process,
+                                        regions=regions)
         prompts, _ = cached_prompts(backbone, [p.prompt for p in train_pairs + val_pairs], cache_dir, identity)
         say(f"latent cache: {'built' if built else 'reused'} ({len(train_pairs) + len(val_pairs)} pairs, "
             f"{width}x{height})")
     distributed.barrier(dist_info)
     if cache_dir is not None and not build:
         latents, _ = cached_latents(backbone, train_pairs + val_pairs, (width, height), cache_dir, identity,
-                                    build=False)
+                                    build=False, regions=regions)
         prompts, _ = cached_prompts(backbone, [p.prompt for p in train_pairs + val_pairs], cache_dir, identity,
                                     build=False)
     backbone.release_encoders()  # from here on only validation decodes (on whatever device the VAE is)
     n_train = len(train_pairs)
     train_latents = LatentSet(latents.cond_moments[:n_train], latents.target_moments[:n_train])
+    loss_weights = None
+    if regions is not None:
+        train_latents.region_masks = latents.region_masks[:n_train]
+        loss_weights = regions.weight_tensor()
+        seg_files = [str(segmentation_file(p)) for p in train_pairs]
+        for line in missing_region_warnings(seg_files, latents.region_pixels[:n_train], regions):
+            say(f"warning: {line}")
     prompt_ids = [prompts.index(p.prompt) for p in train_pairs]
     prompt_table = prompts.embeddings.to(device)
     val = None
@@ -429,7 +494,8 @@ def main(argv: list[str] | None = None) -> dict:
     start_step = 0
     if config.resume and state_path.is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
-        changed = [k for k in RESUME_FIXED if state["config"].get(k) != getattr(config, k)]
+        defaults = TrainConfig()  # states of older versions lack the newer options: they had the defaults
+        changed = [k for k in RESUME_FIXED if state["config"].get(k, getattr(defaults, k)) != getattr(config, k)]
         if state["world_size"] * state["per_step"] != global_batch:
             changed.append("global batch")
         if changed:
@@ -463,6 +529,10 @@ def main(argv: list[str] | None = None) -> dict:
         "prompt_dropout": str(config.prompt_dropout),
         "precision": str(autocast_dtype or torch.float32).replace("torch.", ""),
     }
+    if blend is not None:
+        metadata.update(maps=",".join(blend.maps), blend_mode=blend.mode, blend_alpha=f"{blend.alpha:g}")
+    if regions is not None:
+        metadata.update(regions.metadata())
 
     def save_checkpoint(step: int) -> None:
         """Training state first, then the LoRA: each file is replaced atomically, so a kill at any
@@ -526,6 +596,8 @@ def main(argv: list[str] | None = None) -> dict:
             batch = make_batch(train_latents.cond_moments[indices], train_latents.target_moments[indices],
                                [prompt_ids[i] for i in indices], prompt_table, generators,
                                backbone.latent_scale, schedule, config.prompt_dropout, device)
+            if loss_weights is not None:
+                batch.weight = weight_map(train_latents.region_masks[indices], loss_weights).to(device)
             sync = micro == config.grad_accum - 1 or not dist_info.enabled
             with contextlib.nullcontext() if sync else model.no_sync():
                 loss = loss_on(model, batch, autocast_dtype)

@@ -9,7 +9,7 @@
 // On a front end without DOM widgets the extension does nothing (the nodes still work).
 import { api } from "../../scripts/api.js";
 import { app } from "../../scripts/app.js";
-import { blendRGBA } from "./lib/blend.js";
+import { FLATTEN_COLOURS, blendRGBA } from "./lib/blend.js";
 import { dentalPrompt } from "./lib/prompt.js";
 
 const LOG_PREFIX = "[ComfyUI-CtrLoRA]";
@@ -19,6 +19,11 @@ const METADATA_FIELDS = [
   ["prompt_template", "prompt template"],
   ["training_steps", "training steps"],
   ["resolution", "resolution"],
+  ["maps", "maps"],
+  ["blend_mode", "blend mode"],
+  ["blend_alpha", "blend alpha"],
+  ["region_weights", "region weights"],
+  ["seg_palette", "segmentation palette"],
 ];
 const IMAGE_CACHE_SIZE = 8;
 
@@ -239,16 +244,22 @@ function setupBlendPreview(node) {
     const urls = ["lighting", "segmentation"].map((name) => inputImageUrl(node, name));
     const alpha = widgetValue(node, "alpha");
     const mode = widgetValue(node, "mode");
-    const key = JSON.stringify([urls, alpha, mode]);
+    // a connected mask input flattens that map as the node does (assumed to be its Load Image's mask)
+    const flatten = Object.fromEntries(
+      ["lighting", "segmentation"]
+        .filter((name) => isLinked(node, `${name}_mask`))
+        .map((name) => [name, FLATTEN_COLOURS[name]]),
+    );
+    const key = JSON.stringify([urls, alpha, mode, flatten]);
     if (key === currentKey) return;
     currentKey = key;
-    renderBlend(canvas, urls, alpha, mode, () => key === currentKey).catch((err) => {
+    renderBlend(canvas, urls, alpha, mode, flatten, () => key === currentKey).catch((err) => {
       if (key === currentKey) drawPlaceholder(canvas, err.message);
     });
   });
 }
 
-async function renderBlend(canvas, urls, alpha, mode, stillWanted) {
+async function renderBlend(canvas, urls, alpha, mode, flatten, stillWanted) {
   const missing = ["lighting", "segmentation"].filter((_, i) => !urls[i]);
   if (missing.length) {
     const what = missing.length === 1 ? "a Load Image node" : "Load Image nodes";
@@ -265,7 +276,7 @@ async function renderBlend(canvas, urls, alpha, mode, stillWanted) {
     );
     return;
   }
-  const pixels = blendRGBA(lighting.data, seg.data, alpha, mode);
+  const pixels = blendRGBA(lighting.data, seg.data, alpha, mode, flatten);
   canvas.width = lighting.width;
   canvas.height = lighting.height;
   canvas.getContext("2d").putImageData(new ImageData(pixels, lighting.width, lighting.height), 0, 0);

@@ -37,7 +37,9 @@ CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first
 SERVER_START_TIMEOUT = 240
 IMAGE_SIZE = (64, 48)  # width, height of the test condition images
 LORA_METADATA = {"condition": "dental", "prompt_template": "a 3D dental model of {jaw} teeth, {view} view",
-                 "training_steps": 1500, "resolution": 512}
+                 "training_steps": 1500, "resolution": 512, "maps": "lighting,segmentation", "blend_mode": "alpha",
+                 "blend_alpha": 0.3, "region_weights": "teeth=5,gum=1",
+                 "seg_palette": "teeth=#C4C474,gum=#CC442C,background=#383838"}
 
 
 def e2e_skip_reason() -> str | None:

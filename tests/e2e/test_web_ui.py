@@ -199,7 +199,9 @@ def test_loader_panels_show_file_metadata(ui, graph):
     text = _wait_panel(page, lora, "ctrlora_info", "condition: dental")["text"]
     assert "kind: CtrLoRA condition LoRA, rank 4" in text
     for label, key in (("condition", "condition"), ("prompt template", "prompt_template"),
-                       ("training steps", "training_steps"), ("resolution", "resolution")):
+                       ("training steps", "training_steps"), ("resolution", "resolution"), ("maps", "maps"),
+                       ("blend mode", "blend_mode"), ("blend alpha", "blend_alpha"),
+                       ("region weights", "region_weights"), ("segmentation palette", "seg_palette")):
         assert f"{label}: {LORA_METADATA[key]}" in text
 
     page.evaluate(JS_SET_WIDGET, [base, "base_name", "ctrlora_base_small.safetensors"])

@@ -7,8 +7,8 @@ Run them in an environment with ComfyUI's packages and this checkout installed (
 - `comfy_lib`: ComfyUI importable in this process, forced to the CPU (library tests).
 - `model_cache`: random-weight full-size model files (testbed/fake_models.py), built once and cached.
 - `comfy_server`: one headless ComfyUI (CPU, loopback, free port) for the session, with a
-  temporary --base-directory: the pack linked into custom_nodes/, the cached models linked
-  into models/ under the names the example workflows use, generated images in input/.
+  temporary --base-directory made by testbed/comfy_base_dir.py (the pack, the cached models,
+  generated condition images).
 """
 from __future__ import annotations
 
@@ -16,18 +16,16 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from testbed import fake_models
-from testbed.comfy_host import PACK_ROOT, import_comfy
+from testbed.comfy_base_dir import PACK_FOLDER as PACK_NAME  # noqa: F401  (test_server uses it)
+from testbed.comfy_base_dir import make_base_directory
+from testbed.comfy_host import import_comfy
 from testbed.comfy_server import ComfyServer
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "")
 SKIP_REASON = "COMFYUI_PATH is not set: ComfyUI integration tests skipped (see tests/integration/conftest.py)"
-PACK_NAME = "ComfyUI-CtrLoRA"  # the pack's folder name in custom_nodes/
-INPUT_SIZE = (96, 80)  # width, height: not the latent's aspect, so hints are cropped and resized
 
 
 def pytest_collection_modifyitems(config, items):
@@ -63,47 +61,6 @@ def model_cache() -> str:
                        env=dict(os.environ, COMFYUI_PATH=COMFYUI_PATH), timeout=1800)
     assert not fake_models.missing_files(folder)
     return folder
-
-
-def write_input_images(folder: str) -> dict[str, str]:
-    """Lighting, segmentation and depth maps of a made-up teeth arch (simple shapes), as PNGs."""
-    width, height = INPUT_SIZE
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    cx, cy = width / 2, height * 0.9
-    radius = np.hypot((x - cx) / (width * 0.45), (y - cy) / (height * 0.8))
-    arch = (radius > 0.55) & (radius < 1.0)
-    shade = np.clip(1.2 - radius, 0, 1) * arch
-    teeth = (np.floor(np.arctan2(y - cy, x - cx) * 7) % 6).astype(int)
-    palette = np.array([[230, 80, 80], [80, 200, 90], [70, 110, 230], [230, 200, 60], [170, 80, 200],
-                        [60, 200, 200]], dtype=np.uint8)
-    images = {
-        "upper_front_lighting.png": np.repeat((shade * 255).astype(np.uint8)[..., None], 3, axis=2),
-        "upper_front_seg.png": palette[teeth] * arch[..., None].astype(np.uint8),
-        "upper_front_depth.png": np.repeat((np.clip(1 - radius, 0, 1) * arch * 255).astype(np.uint8)[..., None],
-                                           3, axis=2),
-    }
-    paths = {}
-    for name, pixels in images.items():
-        paths[name] = os.path.join(folder, name)
-        Image.fromarray(pixels).save(paths[name])
-    return paths
-
-
-def make_base_directory(base_dir: str, cache: str) -> None:
-    """models/, custom_nodes/ and input/ of a throwaway ComfyUI base directory."""
-    layout = {
-        "checkpoints": [fake_models.CHECKPOINT],
-        "controlnet": [fake_models.CONTROLNET, fake_models.DEPTH_LORA],  # a CtrLoRA LoRA where ACN users keep it
-        "ctrlora": [fake_models.BASE, fake_models.DENTAL_LORA, fake_models.SEG_LORA, fake_models.MISMATCHED_LORA],
-    }
-    for folder, names in layout.items():
-        os.makedirs(os.path.join(base_dir, "models", folder), exist_ok=True)
-        for name in names:
-            os.symlink(os.path.join(cache, name), os.path.join(base_dir, "models", folder, name))
-    os.makedirs(os.path.join(base_dir, "custom_nodes"))
-    os.symlink(PACK_ROOT, os.path.join(base_dir, "custom_nodes", PACK_NAME))
-    os.makedirs(os.path.join(base_dir, "input"))
-    write_input_images(os.path.join(base_dir, "input"))
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,8 @@ the ComfyUI whose `custom_nodes/` holds this pack. Run the trainer with ComfyUI'
 - VAE: `encode_moments` runs ComfyUI's encoder + quant_conv (the posterior moments, before
   ComfyUI picks the mode) on images in the caller's range; `decode` uses ComfyUI's decode.
 - CLIP: ComfyUI's tokenizer and text encoder; the first 77 tokens, as the official code.
+- Both files are checked from their headers before ComfyUI is imported or reads anything:
+  a wrong --base or --model costs a header, not gigabytes.
 - Attention: ComfyUI is told to use PyTorch SDPA (`use_pytorch_cross_attention`) when it is
   imported here first.
 """
@@ -29,9 +31,11 @@ from torch.utils.checkpoint import checkpoint
 
 from ctrlora_core.errors import CtrLoRAError
 from ctrlora_core.files import file_stamp
-from ctrlora_core.formats import load_base
+from ctrlora_core.formats import PICKLE_EXTENSIONS, SAFETENSORS_EXTENSIONS, FileKind, load_base, require_kind, scan_file
 
 CLIP_TOKENS = 77
+# Kinds a header shows that ComfyUI could never load as an SD checkpoint.
+NOT_CHECKPOINTS = (FileKind.CTRLORA_BASE, FileKind.CTRLORA_LORA, FileKind.CONTROLNET, FileKind.SD_LORA)
 
 
 def find_comfyui(explicit: str | None = None) -> Path:
@@ -52,6 +56,21 @@ def find_comfyui(explicit: str | None = None) -> Path:
     raise CtrLoRAError(
         "ComfyUI not found: the trainer loads SD checkpoints through ComfyUI. Pass --comfyui PATH, set "
         "COMFYUI_PATH, or install this pack in ComfyUI/custom_nodes/ (and run with ComfyUI's Python)")
+
+
+def check_checkpoint_header(path: str) -> None:
+    """Refuse --model from its header when it is a kind of file that is not an SD checkpoint.
+
+    Other extensions and unknown layouts are left to ComfyUI's own detection.
+    """
+    if not os.path.isfile(path):
+        raise CtrLoRAError(f"{path}: SD checkpoint does not exist")
+    if os.path.splitext(path)[1].lower() not in SAFETENSORS_EXTENSIONS + PICKLE_EXTENSIONS:
+        return
+    kind = scan_file(path).kind
+    if kind in NOT_CHECKPOINTS:
+        raise CtrLoRAError(f"{path}: this is a {kind.value} file, but --model expects an SD1.5-family checkpoint "
+                           "(UNet, VAE and text encoder in one file)")
 
 
 def import_comfy(folder: Path, device: torch.device):
@@ -88,9 +107,9 @@ class ComfyBackbone:
     def __init__(self, checkpoint_path: str, base: str, comfyui: str | None = None,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         self.device = torch.device(device)
+        check_checkpoint_header(checkpoint_path)
+        require_kind(base, FileKind.CTRLORA_BASE)
         comfy = import_comfy(find_comfyui(comfyui), self.device)
-        if not os.path.isfile(checkpoint_path):
-            raise CtrLoRAError(f"{checkpoint_path}: SD checkpoint does not exist")
         patcher, self.clip, self.vae, _ = comfy.sd.load_checkpoint_guess_config(
             checkpoint_path, output_vae=True, output_clip=True, model_options={"dtype": dtype})
         model = patcher.model

@@ -9,8 +9,13 @@
 //   overlay    f = 2 * l * s if l < 0.5, else 1 - 2 * (1 - l) * (1 - s)
 //   soft_light f = (1 - 2 * s) * l * l + 2 * s * l          (pegtop)
 //   result = clamp((1 - alpha) * l + alpha * f, 0, 1)
+// A map whose Load Image mask is connected is first flattened over a flat colour as
+// ctrlora_core.conditions.flatten_alpha does: v * (1 - t) + background * t, t = 1 - a / 255.
 
 export const BLEND_MODES = ["alpha", "multiply", "screen", "overlay", "soft_light"];
+// The colours transparent maps are flattened over: black for the lighting map, the dental
+// palette's background for the segmentation map (ctrlora_core.conditions.DENTAL_PALETTE).
+export const FLATTEN_COLOURS = { lighting: [0, 0, 0], segmentation: [56, 56, 56] };
 
 const MODE_FORMULAS = {
   alpha: (l, s) => s,
@@ -49,12 +54,21 @@ export function toByte(x) {
   return Math.min(255, Math.max(0, rounded));
 }
 
+/** Channel c of pixel i in [0, 1], flattened over `colour` (8-bit RGB) by its alpha when colour is given. */
+function channel(pixels, i, c, colour) {
+  const value = pixels[i + c] / 255;
+  if (!colour) return value;
+  const t = 1 - pixels[i + 3] / 255;
+  return value * (1 - t) + (colour[c] / 255) * t;
+}
+
 /**
  * Blend two RGBA byte images of the same size (canvas ImageData.data layout).
- * Alpha channels are ignored, as the Python blend drops a 4th channel; the result is opaque.
+ * Alpha channels are ignored, as the Python blend drops a 4th channel, unless `flatten`
+ * gives a colour for that input ({ lighting, segmentation }: 8-bit RGB); the result is opaque.
  * Returns a new Uint8ClampedArray.
  */
-export function blendRGBA(lighting, seg, alpha, mode) {
+export function blendRGBA(lighting, seg, alpha, mode, flatten = {}) {
   checkBlendArgs(alpha, mode);
   if (lighting.length !== seg.length || lighting.length % 4 !== 0) {
     throw new Error(`lighting and seg must have the same size: ${lighting.length / 4} vs ${seg.length / 4} pixels`);
@@ -63,7 +77,9 @@ export function blendRGBA(lighting, seg, alpha, mode) {
   const out = new Uint8ClampedArray(lighting.length);
   for (let i = 0; i < lighting.length; i += 4) {
     for (let c = 0; c < 3; c++) {
-      out[i + c] = toByte(blendUnchecked(lighting[i + c] / 255, seg[i + c] / 255, alpha, formula));
+      const l = channel(lighting, i, c, flatten.lighting);
+      const s = channel(seg, i, c, flatten.segmentation);
+      out[i + c] = toByte(blendUnchecked(l, s, alpha, formula));
     }
     out[i + 3] = 255;
   }
