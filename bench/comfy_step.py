@@ -1,4 +1,4 @@
-"""Per-step time and peak memory of sampling inside ComfyUI with CtrLoRA vs core ControlNets.
+"""Per-step time and memory of sampling inside ComfyUI with CtrLoRA vs core ControlNets.
 
     COMFYUI_PATH=/path/to/ComfyUI <ComfyUI's python> bench/comfy_step.py [--res 256] [--steps 6] [--device cpu|gpu]
 
@@ -7,26 +7,39 @@ core node classes and comfy.sample.sample), with the pack imported the way Comfy
 imports it. Full-size random-weight models from testbed/fake_models.py
 (SD1.5 checkpoint, a classic SD1.5 ControlNet, the CtrLoRA base, rank-128 LoRAs).
 
-Cases (memory: each case alone in its own process; step time: all cases in one process,
-interleaved round by round, so a busy shared machine slows them alike):
-  txt2img       no control (the baseline the control memory is measured from)
-  controlnet    (a) one core ControlNet (Apply ControlNet (Advanced))
-  ctrlora1      (b) Apply CtrLoRA with one LoRA (weights merged: the single-condition fast path)
-  ctrlora3      (c) Apply CtrLoRA with three conditions (one base copy, one batched pass)
-  controlnet3   three chained core ControlNets, three separate model copies (what (c) replaces)
-A step is timed from ComfyUI's sampler callback, in --repeats rounds; in each round every
-case gets a 2-step warm-up run, then its timed run, in which steps 2..N are averaged (loading,
-merging or unmerging LoRA weights and the hint's VAE encoding are not counted). Each case's
-fastest run is reported (all runs are in the JSON). Round-robin matters on CPU: see the
-README's Benchmarks section for what changes when the three-condition case runs in between.
+Cases (batch B images of one prompt; CFG doubles the rows):
+  txt2img         no control (the baseline the control memory is measured from)
+  controlnet      (a) one core ControlNet (Apply ControlNet (Advanced))
+  ctrlora1        (b) Apply CtrLoRA with one LoRA (weights merged: the single-condition fast path)
+  ctrlora3        (c) Apply CtrLoRA with three conditions (one base copy, one batched pass)
+  controlnet3     three chained core ControlNets, three separate model copies (what (c) replaces)
+  controlnet_b4   (a) at B = 4
+  ctrlora1_b4     (b) at B = 4 (the base runs on the 2 distinct rows of the 8)
+  ctrlora1_rerun  (b), timing the second run of the same graph with a new seed (residuals from
+                  the residual cache)
+Every case runs in a fresh process of its own (memory and time), --rounds times, the cases
+taking turns round by round (so a busy shared machine slows them alike). In a process: the
+checkpoint is loaded and the prompts encoded, then a 2-step run measures memory, then
+--repeats times a 2-step warm-up and the timed run, whose steps 2..N are averaged (loading,
+merging LoRA weights and the condition's VAE encoding are in step 1). The residual cache is
+emptied before each timed run, except in ctrlora1_rerun, whose timed run follows a full run of
+the same graph with seed 0. Each case's fastest run is reported (all runs are in the JSON).
 Memory, counted from after the checkpoint is loaded and the prompts encoded: the peak
 (VmHWM on the CPU, torch.cuda.max_memory_allocated on a GPU; includes reading the control
-files) and the resident memory after sampling; the control's share is the case's value
-minus txt2img's. Also the bytes of the control weights the case holds (parameters +
-stacked adapters).
+files) and the resident memory after sampling (the residual cache's entries included, also
+given alone); the control's share is the case's value minus txt2img's. Also the bytes of the
+control weights the case holds (parameters + stacked adapters).
 
-Targets (printed with the ratios): (b)/(a) step <= 1.03; (c) resident control memory <= 0.45 x
-controlnet3's; (c) step <= 0.8 x controlnet3's. Writes bench/results/comfy_step_<device>.json.
+--queue N (default 50): N prompts queued one after the other in one process, each with a
+new seed and a new prompt text (so every run adds cache entries: the worst case), Apply
+CtrLoRA with one LoRA at --queue-res with a --queue-budget-mb cache; the resident memory after
+each prompt shows whether it grows past the cache's budget.
+
+CPU share: the benchmark process's CPU seconds / (wall seconds x torch threads) over the
+timed runs; well under 1 means other processes took the cores (figures not comparable).
+Targets (printed with the ratios): (b)/(a) step <= 1.03; B = 4 (b)/(a) <= 0.75; re-run
+(b)/txt2img <= 1.05; (c) resident control memory <= 0.45 x controlnet3's; (c) step <= 0.8 x
+controlnet3's. Writes bench/results/comfy_step_<device>.json.
 """
 from __future__ import annotations
 
@@ -37,14 +50,43 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import NamedTuple
 
-from bench_device import device_label, results_path
+from bench_device import CpuShare, device_label, results_path
 from testbed import fake_models
-from testbed.comfy_host import import_comfy, load_pack
+from testbed.comfy_host import import_comfy, load_pack, pack_module
 
-CASES = ("txt2img", "controlnet", "ctrlora1", "ctrlora3", "controlnet3")
 PROMPT = "a 3D dental model of upper teeth, front view, dental photography"
 NEGATIVE = "blurry, low quality"
+
+
+class Case(NamedTuple):
+    control: str  # none, controlnet, controlnet3, ctrlora1, ctrlora3
+    batch: int = 1
+    rerun: bool = False
+
+
+CASES = {
+    "txt2img": Case("none"),
+    "controlnet": Case("controlnet"),
+    "ctrlora1": Case("ctrlora1"),
+    "ctrlora3": Case("ctrlora3"),
+    "controlnet3": Case("controlnet3"),
+    "controlnet_b4": Case("controlnet", batch=4),
+    "ctrlora1_b4": Case("ctrlora1", batch=4),
+    "ctrlora1_rerun": Case("ctrlora1", rerun=True),
+}
+RATIOS = {  # name: (case, over case, measure, target)
+    "b_over_a_step": ("ctrlora1", "controlnet", "s_per_step", 1.03),
+    "batch4_ctrlora1_over_controlnet": ("ctrlora1_b4", "controlnet_b4", "s_per_step", 0.75),
+    "rerun_ctrlora1_over_txt2img": ("ctrlora1_rerun", "txt2img", "s_per_step", 1.05),
+    "c_over_three_copies_control_resident_memory": ("ctrlora3", "controlnet3", "control_resident_bytes", 0.45),
+    "c_over_three_chained_step": ("ctrlora3", "controlnet3", "s_per_step", 0.8),
+    "c_over_three_copies_control_peak_memory": ("ctrlora3", "controlnet3", "control_peak_bytes", None),
+    "c_over_three_copies_control_weights": ("ctrlora3", "controlnet3", "control_weight_bytes", None),
+    "a_over_txt2img_step": ("controlnet", "txt2img", "s_per_step", None),
+    "b_over_txt2img_step": ("ctrlora1", "txt2img", "s_per_step", None),
+}
 
 
 def process_memory(field: str) -> int:
@@ -79,11 +121,12 @@ def setup_comfy(comfy_path: str, device: str):
 class Session:
     """ComfyUI with the checkpoint loaded and the prompts encoded; builds each case's conditioning."""
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: argparse.Namespace, batch: int, res: int):
         import torch
 
         self.comfy_nodes, pack = setup_comfy(args.comfyui, args.device)
         self.pack_nodes = pack.NODE_CLASS_MAPPINGS
+        self.residual_cache = pack_module("nodes.residual_cache").SHARED
         import comfy.model_management as mm
         import comfy.sample
         import folder_paths
@@ -99,156 +142,274 @@ class Session:
         folder_paths.add_model_folder_path("ctrlora", cache)
 
         nodes = self.comfy_nodes
-        self.model, clip, self.vae = nodes.CheckpointLoaderSimple().load_checkpoint(fake_models.CHECKPOINT)[:3]
-        self.positive = nodes.CLIPTextEncode().encode(clip, PROMPT)[0]
-        self.negative = nodes.CLIPTextEncode().encode(clip, NEGATIVE)[0]
+        self.model, self.clip, self.vae = nodes.CheckpointLoaderSimple().load_checkpoint(fake_models.CHECKPOINT)[:3]
+        self.positive = nodes.CLIPTextEncode().encode(self.clip, PROMPT)[0]
+        self.negative = nodes.CLIPTextEncode().encode(self.clip, NEGATIVE)[0]
         generator = torch.Generator().manual_seed(0)
-        self.hints = [torch.rand(1, args.res, args.res, 3, generator=generator) for _ in range(3)]
-        self.latent = nodes.EmptyLatentImage().generate(args.res, args.res, 1)[0]["samples"]
-        self.noise = comfy.sample.prepare_noise(self.latent, 0)
+        self.hints = [torch.rand(1, res, res, 3, generator=generator) for _ in range(3)]
+        self.latent = nodes.EmptyLatentImage().generate(res, res, batch)[0]["samples"]
         mm.load_models_gpu([self.model])
 
-    def conditioning(self, case: str) -> tuple[list, list, int]:
-        """(positive, negative, bytes of control weights) for `case`."""
-        positive, negative, control_bytes = self.positive, self.negative, 0
-        if case.startswith("controlnet"):
-            for i in range(3 if case == "controlnet3" else 1):
-                control = self.comfy_nodes.ControlNetLoader().load_controlnet(f"cn_{i}.safetensors")[0]
+    def conditioning(self, control: str, positive: list | None = None) -> tuple[list, list, int]:
+        """(positive, negative, bytes of control weights) for a case's `control`."""
+        positive, negative, control_bytes = positive or self.positive, self.negative, 0
+        if control.startswith("controlnet"):
+            for i in range(3 if control == "controlnet3" else 1):
+                model = self.comfy_nodes.ControlNetLoader().load_controlnet(f"cn_{i}.safetensors")[0]
                 positive, negative = self.comfy_nodes.ControlNetApplyAdvanced().apply_controlnet(
-                    positive, negative, control, self.hints[i], 1.0, 0.0, 1.0)
-                control_bytes += self.mm.module_size(control.control_model)
-        elif case.startswith("ctrlora"):
+                    positive, negative, model, self.hints[i], 1.0, 0.0, 1.0)
+                control_bytes += self.mm.module_size(model.control_model)
+        elif control.startswith("ctrlora"):
             nodes = self.pack_nodes
             base = nodes["CtrLoRABaseLoader"]().load(self.files.BASE)["result"][0]
             conditions = None
-            count = 3 if case == "ctrlora3" else 1
+            count = 3 if control == "ctrlora3" else 1
             names = (self.files.DENTAL_LORA, self.files.DEPTH_LORA, self.files.SEG_LORA)
             for name, hint in list(zip(names, self.hints))[:count]:
                 lora = nodes["CtrLoRALoRALoader"]().load(name, 1.0)["result"][0]
                 conditions = nodes["CtrLoRACondition"]().add(lora, hint, 1.0 / count, conditions)[0]
             positive, negative = nodes["CtrLoRAApply"]().apply(positive, negative, base, conditions, self.vae,
                                                                1.0, 0.0, 1.0)
-            control = positive[0][1]["control"]
-            control_bytes = self.mm.module_size(base.module) + (0 if control.merge_key else control.stack.numel() * 4)
+            applied = positive[0][1]["control"]
+            control_bytes = self.mm.module_size(base.module) + (0 if applied.merge_key else applied.stack.numel() * 4)
         return positive, negative, control_bytes
 
-    def sample(self, positive: list, negative: list, steps: int) -> list[float]:
+    def sample(self, positive: list, negative: list, steps: int, seed: int) -> list[float]:
         """Sample; return the duration of steps 2..N (step 1 loads models and encodes hints)."""
         stamps: list[float] = []
-        self.sample_fn.sample(self.model, self.noise, steps, 7.5, "ddim", "ddim_uniform", positive, negative,
+        noise = self.sample_fn.prepare_noise(self.latent, seed)
+        self.sample_fn.sample(self.model, noise, steps, 7.5, "ddim", "ddim_uniform", positive, negative,
                               self.latent, callback=lambda *_: stamps.append(time.perf_counter()),
-                              disable_pbar=True, seed=0)
+                              disable_pbar=True, seed=seed)
         return [b - a for a, b in zip(stamps, stamps[1:])]
 
+    def memory(self, device: str, start_rss: int) -> tuple[int, int]:
+        """(peak, resident) bytes since `reset_peak`."""
+        if device == "gpu":
+            import torch
 
-def measure_memory(case: str, args: argparse.Namespace) -> dict:
-    """Memory of one case, alone in this process, counted from after the checkpoint is loaded."""
-    session = Session(args)
-    start_rss = process_memory("VmRSS")
-    reset_peak(args.device)
-    positive, negative, control_bytes = session.conditioning(case)
-    session.sample(positive, negative, 2)
-    if args.device == "gpu":
+            return torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
+        return process_memory("VmHWM") - start_rss, process_memory("VmRSS") - start_rss
+
+
+class ControlTimer:
+    """Seconds per model call in the outermost `get_control` and in the control networks' forward.
+
+    Installed on the classes (core ControlNet, Apply CtrLoRA's control, their networks) for one
+    extra run after the timed ones, since the timing waits for the GPU at every boundary.
+    """
+
+    def __init__(self, gpu: bool):
         import torch
 
-        peak, resident = torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
-    else:
-        peak, resident = process_memory("VmHWM") - start_rss, process_memory("VmRSS") - start_rss
-    return {"case": case, "peak_bytes": peak, "resident_bytes": resident, "control_weight_bytes": control_bytes}
+        import comfy.cldm.cldm
+        import comfy.controlnet
+
+        self.sync = torch.cuda.synchronize if gpu else (lambda: None)
+        control_class = pack_module("nodes.ctrlora_control").CtrLoRAControl
+        network_class = pack_module("ctrlora_core.controlnet").CtrLoRAControlNet
+        self.methods = [(cls, "get_control") for cls in (comfy.controlnet.ControlNet, control_class)]
+        self.methods += [(cls, "forward") for cls in (comfy.cldm.cldm.ControlNet, network_class)]
+        self.calls: dict[str, list[float]] = {"get_control": [], "forward": []}
+        self.depth = 0
+
+    def _wrap(self, method, name: str):
+        def timed(*a, **k):
+            outermost = name == "forward" or self.depth == 0
+            self.depth += name == "get_control"
+            self.sync()
+            start = time.perf_counter()
+            try:
+                return method(*a, **k)
+            finally:
+                self.sync()
+                self.depth -= name == "get_control"
+                if outermost:
+                    self.calls[name].append(time.perf_counter() - start)
+        return timed
+
+    def __enter__(self) -> "ControlTimer":
+        self.originals = [(cls, name, cls.__dict__[name]) for cls, name in self.methods]
+        for cls, name, method in self.originals:
+            setattr(cls, name, self._wrap(method, name))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for cls, name, method in self.originals:
+            setattr(cls, name, method)
+
+    def per_call(self, calls: int) -> dict:
+        """Mean seconds per model call over the last `calls` calls (one forward per call for one control)."""
+        return {f"{name}_s": sum(times[-calls:]) / calls for name, times in self.calls.items()}
 
 
-def measure_time(cases: list[str], args: argparse.Namespace) -> dict:
-    """Step times of all cases in one process, interleaved round by round (fair on a shared machine)."""
+def measure_case(name: str, args: argparse.Namespace) -> dict:
+    """Memory and step times of one case, alone in this process."""
     import torch
 
-    session = Session(args)
-    conditionings = {case: session.conditioning(case)[:2] for case in cases}
-    runs: dict[str, list[list[float]]] = {case: [] for case in cases}
-    for _ in range(args.repeats):
-        for case in cases:
-            session.sample(*conditionings[case], 2)  # warm-up: loads and (un)merges LoRA weights for this case
-            runs[case].append(session.sample(*conditionings[case], args.steps))
-    out = {}
-    for case, case_runs in runs.items():
-        means = [sum(r) / len(r) for r in case_runs]
-        out[case] = {"s_per_step": min(means), "s_per_step_runs": means, "steps": case_runs}
-    return {"cases": out, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    case = CASES[name]
+    session = Session(args, case.batch, args.res)
+    start_rss = process_memory("VmRSS")
+    reset_peak(args.device)
+    positive, negative, control_bytes = session.conditioning(case.control)
+    session.sample(positive, negative, 2, seed=0)
+    peak, resident = session.memory(args.device, start_rss)
+    cache_bytes = session.residual_cache.nbytes
+    runs, share = [], CpuShare()
+    for repeat in range(args.repeats):
+        session.sample(positive, negative, 2, seed=0)  # warm-up: loads and (un)merges LoRA weights
+        session.residual_cache.clear()
+        if case.rerun:
+            session.sample(positive, negative, args.steps, seed=0)  # the first run of the graph
+        with share:
+            runs.append(session.sample(positive, negative, args.steps, seed=repeat + 1))
+    breakdown = None
+    if args.breakdown and case.control in ("controlnet", "ctrlora1"):
+        session.residual_cache.clear()
+        if case.rerun:
+            session.sample(positive, negative, args.steps, seed=0)
+        with ControlTimer(args.device == "gpu") as timer:
+            steps = session.sample(positive, negative, args.steps, seed=args.repeats + 1)
+        breakdown = {"step_s": sum(steps) / len(steps), **timer.per_call(len(steps))}
+    return {"case": name, "batch": case.batch, "peak_bytes": peak, "resident_bytes": resident,
+            "residual_cache_bytes": cache_bytes, "control_weight_bytes": control_bytes, "steps": runs,
+            "breakdown": breakdown, "cpu_share": share.value(torch.get_num_threads()), "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
 
 
-def subprocess_json(mode: list[str], args: argparse.Namespace) -> dict:
-    command = [sys.executable, __file__, *mode, "--comfyui", args.comfyui, "--device", args.device,
+def measure_queue(args: argparse.Namespace) -> dict:
+    """Resident memory over `args.queue` prompts, each with a new seed and a new prompt text."""
+    import torch
+
+    session = Session(args, 1, args.queue_res)
+    nodes = session.comfy_nodes
+    held = session.conditioning("ctrlora1")  # keeps the base loaded, as ComfyUI's cache of the loader does
+    rss, gpu, cache_bytes = [], [], []
+    for prompt in range(args.queue):
+        positive = nodes.CLIPTextEncode().encode(session.clip, f"{PROMPT}, variant {prompt}")[0]
+        positive, negative, _ = session.conditioning("ctrlora1", positive)
+        session.sample(positive, negative, 2, seed=prompt)
+        rss.append(process_memory("VmRSS"))
+        gpu.append(torch.cuda.memory_allocated() if args.device == "gpu" else 0)
+        cache_bytes.append(session.residual_cache.nbytes)
+    del held
+    half = len(rss) // 2
+    return {"prompts": args.queue, "res": args.queue_res, "steps": 2, "budget_bytes": session.residual_cache.budget_bytes,
+            "resident_bytes": rss, "gpu_allocated_bytes": gpu, "residual_cache_bytes": cache_bytes,
+            "max_cache_bytes": max(cache_bytes), "growth_after_first_bytes": max(rss) - rss[0],
+            "growth_second_half_bytes": max(rss[half:]) - rss[half - 1],
+            "gpu_growth_after_first_bytes": max(gpu) - gpu[0]}
+
+
+def subprocess_json(mode: list[str], args: argparse.Namespace, env: dict | None = None) -> dict:
+    command = [sys.executable, __file__, "--comfyui", args.comfyui, "--device", args.device,
                "--res", str(args.res), "--steps", str(args.steps), "--repeats", str(args.repeats),
-               "--cases", *args.cases]
-    done = subprocess.run(command, capture_output=True, text=True)
+               "--queue", str(args.queue), "--queue-res", str(args.queue_res),
+               "--breakdown" if args.breakdown else "--no-breakdown", *mode]  # mode last: it may override
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
-        sys.exit(f"{' '.join(mode)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        sys.exit(f"{' '.join(mode)} failed (exit status {done.returncode}; -9: killed, e.g. out of memory):\n"
+                 f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def ratio(results: dict, a: str, b: str, key: str) -> float | None:
-    if a in results and b in results and results[b][key]:
-        return results[a][key] / results[b][key]
-    return None
+def summarise(name: str, runs: list[dict]) -> dict:
+    """One case's rounds: memory from the first, every timed run, the fastest run's mean step."""
+    out = dict(runs[0])
+    out["steps"] = [steps for run in runs for steps in run["steps"]]
+    means = [sum(steps) / len(steps) for steps in out["steps"]]
+    out.update(s_per_step=min(means, default=None), s_per_step_runs=means,
+               cpu_share=[run["cpu_share"] for run in runs])
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"), help="ComfyUI checkout ($COMFYUI_PATH)")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
-    parser.add_argument("--res", type=int, default=256)
+    parser.add_argument("--res", type=int, default=256, help="image size in px (default 256)")
     parser.add_argument("--steps", type=int, default=6, help="steps of the timed run (steps 2..N are averaged)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs; the fastest run's mean is reported")
-    parser.add_argument("--cases", nargs="*", default=list(CASES), choices=CASES)
-    parser.add_argument("--memory-case", help=argparse.SUPPRESS)  # internal: one case's memory, as JSON
-    parser.add_argument("--timing", action="store_true", help=argparse.SUPPRESS)  # internal: all step times
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per process (default 2; 0 = memory only)")
+    parser.add_argument("--rounds", type=int, default=2, help="fresh processes per case, cases taking turns")
+    parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES), help="cases to run (all)")
+    parser.add_argument("--queue", type=int, default=50, help="prompts of the memory-over-a-queue check (0 = skip)")
+    parser.add_argument("--queue-res", type=int, default=128, help="image size of the queue check (default 128)")
+    parser.add_argument("--queue-budget-mb", type=float, default=64,
+                        help="residual cache budget in the queue check, MiB (default 64: reached within the queue)")
+    parser.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=True,
+                        help="one more run per single-control case with get_control and the control network's "
+                             "forward timed (default on)")
+    parser.add_argument("--case", choices=list(CASES), help=argparse.SUPPRESS)  # internal: one case, as JSON
+    parser.add_argument("--queue-only", action="store_true", help=argparse.SUPPRESS)  # internal: the queue check
+    parser.add_argument("--dry-run", action="store_true", help="check the arguments and print the plan; run nothing")
     args = parser.parse_args()
+    if args.dry_run:
+        print(f"comfy_step: {args.device}, cases {' '.join(args.cases)}; {args.rounds} rounds x {args.repeats} "
+              f"timed runs of {args.steps} steps at {args.res}px; queue check: {args.queue} prompts at "
+              f"{args.queue_res}px, cache budget {args.queue_budget_mb:g} MiB; ComfyUI at {args.comfyui}")
+        return
     if not args.comfyui:
         sys.exit("set COMFYUI_PATH (or --comfyui) to a ComfyUI checkout")
-    if args.memory_case:
-        print("RESULT " + json.dumps(measure_memory(args.memory_case, args)))
+    if args.case:
+        print("RESULT " + json.dumps(measure_case(args.case, args)))
         return
-    if args.timing:
-        print("RESULT " + json.dumps(measure_time(args.cases, args)))
+    if args.queue_only:
+        print("RESULT " + json.dumps(measure_queue(args)))
         return
 
     if fake_models.missing_files(fake_models.cache_dir()):
         subprocess.run([sys.executable, "-m", "testbed.fake_models"], check=True,
                        env=dict(os.environ, COMFYUI_PATH=args.comfyui))
     load_before = os.getloadavg()
-    results = {case: subprocess_json(["--memory-case", case], args) for case in args.cases}
-    timing = subprocess_json(["--timing"], args)
-    for case, r in results.items():
-        r.update(timing["cases"][case])
-        print(f"{case:<12} {r['s_per_step']:7.3f} s/step   peak +{r['peak_bytes'] / 2**30:5.2f} GiB   resident "
-              f"+{r['resident_bytes'] / 2**30:5.2f} GiB   control weights {r['control_weight_bytes'] / 2**30:5.2f} GiB",
-              flush=True)
+    rounds: dict[str, list[dict]] = {case: [] for case in args.cases}
+    for round_ in range(args.rounds):
+        for case in args.cases:  # the breakdown's extra run in the first round only
+            rounds[case].append(subprocess_json(["--case", case] + (["--no-breakdown"] if round_ else []), args))
+    results = {case: summarise(case, runs) for case, runs in rounds.items()}
     if "txt2img" in results:
         for r in results.values():
             r["control_peak_bytes"] = r["peak_bytes"] - results["txt2img"]["peak_bytes"]
             r["control_resident_bytes"] = r["resident_bytes"] - results["txt2img"]["resident_bytes"]
-    ratios = {
-        "b_over_a_step (target <= 1.03)": ratio(results, "ctrlora1", "controlnet", "s_per_step"),
-        "c_over_three_chained_step (target <= 0.8)": ratio(results, "ctrlora3", "controlnet3", "s_per_step"),
-        "c_over_three_copies_control_resident_memory (target <= 0.45)":
-            ratio(results, "ctrlora3", "controlnet3", "control_resident_bytes") if "txt2img" in results else None,
-        "c_over_three_copies_control_peak_memory":
-            ratio(results, "ctrlora3", "controlnet3", "control_peak_bytes") if "txt2img" in results else None,
-        "c_over_three_copies_control_weights": ratio(results, "ctrlora3", "controlnet3", "control_weight_bytes"),
-        "a_over_txt2img_step": ratio(results, "controlnet", "txt2img", "s_per_step"),
-    }
-    for name, value in ratios.items():
-        print(f"{name:<58} {'n/a' if value is None else f'{value:.3f}'}")
+    for case, r in results.items():
+        step = "    n/a" if r["s_per_step"] is None else f"{r['s_per_step']:7.3f}"
+        print(f"{case:<15} {step} s/step   peak +{r['peak_bytes'] / 2**30:5.2f} GiB   resident "
+              f"+{r['resident_bytes'] / 2**30:5.2f} GiB (cache {r['residual_cache_bytes'] / 2**20:4.0f} MiB)   "
+              f"control weights {r['control_weight_bytes'] / 2**30:5.2f} GiB   CPU share "
+              f"{min(r['cpu_share']):.2f}", flush=True)
+    for case, r in results.items():
+        if r["breakdown"]:
+            b = r["breakdown"]
+            print(f"{case:<15} per step {b['step_s']:.3f} s: get_control {b['get_control_s']:.3f} s, of which the "
+                  f"control network {b['forward_s']:.3f} s; the rest (UNet, sampler) "
+                  f"{b['step_s'] - b['get_control_s']:.3f} s")
+    ratios, targets = {}, {}
+    for name, (case, over, key, target) in RATIOS.items():
+        ok = case in results and over in results and results[case].get(key) is not None and results[over].get(key)
+        ratios[name] = results[case][key] / results[over][key] if ok else None
+        targets[name] = target
+        shown = "n/a" if ratios[name] is None else f"{ratios[name]:.3f}"
+        print(f"{name:<46} {shown:>6}   {'' if target is None else f'target <= {target}'}")
+    queue = None
+    if args.queue:
+        env = dict(os.environ, CTRLORA_RESIDUAL_CACHE_MB=str(args.queue_budget_mb))
+        queue = subprocess_json(["--queue-only"], args, env)
+        print(f"queue of {queue['prompts']} prompts: resident growth after the first {queue['growth_after_first_bytes'] / 2**20:.0f} MiB, "
+              f"in the second half {queue['growth_second_half_bytes'] / 2**20:.0f} MiB; cache at most "
+              f"{queue['max_cache_bytes'] / 2**20:.0f} MiB of its {queue['budget_bytes'] / 2**20:.0f} MiB budget")
+    load_after = os.getloadavg()
+    print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} ({os.cpu_count()} cores)")
     gpu = args.device == "gpu"
-    device = device_label(gpu)
-    report = {"bench": "comfy_step", "device": device, "torch": timing["torch"], "threads": timing["threads"],
-              "res": args.res, "batch": 1, "cfg_batch": 2,
-              "steps_timed": args.steps - 1, "repeats": args.repeats, "sampler": "ddim / ddim_uniform, cfg 7.5", "lora_rank": 128,
-              "load_average_before_after": [load_before, os.getloadavg()], "results": results, "ratios": ratios,
+    first = next(iter(results.values()))
+    report = {"bench": "comfy_step", "device": device_label(gpu), "torch": first["torch"], "threads": first["threads"],
+              "res": args.res, "cfg_batch": 2, "steps_timed": args.steps - 1, "repeats": args.repeats,
+              "rounds": args.rounds, "sampler": "ddim / ddim_uniform, cfg 7.5", "lora_rank": 128,
+              "load_average_before_after": [load_before, load_after], "results": results, "ratios": ratios,
+              "targets": targets, "queue": queue,
               "memory_note": ("measured from after the checkpoint is loaded: peak = VmHWM (CPU) or CUDA max "
-                              "allocated (GPU) minus the start; resident = VmRSS / CUDA allocated after sampling "
-                              "minus the start; control_* = the case's value minus txt2img's (peak includes "
-                              "reading the model files)")}
+                              "allocated (GPU) minus the start; resident = VmRSS / CUDA allocated after a 2-step "
+                              "run minus the start (residual cache entries included: residual_cache_bytes); "
+                              "control_* = the case's value minus txt2img's (peak includes reading the model files)")}
     out = results_path("comfy_step", gpu)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:

@@ -81,19 +81,23 @@ class CtrLoRAApply:
                 "block_weighting": (list(BLOCK_WEIGHTINGS), {"default": "constant", "tooltip": (
                     "constant; soft = 0.825^(12-i) per block (ControlNet soft injection); resolution = 64/h_i "
                     "(ControlNet paper's CFG resolution weighting, meant with apply_to_uncond off)")}),
+                "residual_cache": ("BOOLEAN", {"default": True, "tooltip": (
+                    "Keep computed residuals for later runs: the Base ControlNet never sees the noisy latent, so "
+                    "a re-run with another seed (same steps, sampler, scheduler, prompt, images) reuses them. "
+                    "Bounded by CTRLORA_RESIDUAL_CACHE_MB (default 1024; 0 turns it off for the server)")}),
             },
         }
 
     @release_on_error  # it reads the LoRAs: a refusal keeps none of them in its traceback
     def apply(self, positive: list, negative: list, base: Any, conditions: tuple[Condition, ...], vae: Any,
               strength: float, start_percent: float, end_percent: float, apply_to_uncond: bool = True,
-              block_weighting: str = "constant") -> tuple[list, list]:
+              block_weighting: str = "constant", residual_cache: bool = True) -> tuple[list, list]:
         if strength == 0:
             return positive, negative
         from .ctrlora_control import CtrLoRAControl  # needs ComfyUI
 
         control = CtrLoRAControl.build(base, conditions, vae, strength, (start_percent, end_percent),
-                                       block_weighting)
+                                       block_weighting, residual_cache)
         per_previous: dict[Any, Any] = {}  # one control per distinct previous control, shared by pos/neg
 
         def attach(conditioning: list) -> list:

@@ -15,7 +15,7 @@ CONTRACT = {
                           ["lora_3", "weight_3", "lora_4", "weight_4", "rank", "save_name"], ("CTRLORA_LORA",)),
     "CtrLoRACondition": ("CtrLoRA Condition", ["lora", "image", "weight"], ["previous"], ("CTRLORA_CONDITIONS",)),
     "CtrLoRAApply": ("Apply CtrLoRA", ["positive", "negative", "base", "conditions", "vae", "strength",
-                                       "start_percent", "end_percent"], ["apply_to_uncond", "block_weighting"],
+                                       "start_percent", "end_percent"], ["apply_to_uncond", "block_weighting", "residual_cache"],
                      ("CONDITIONING", "CONDITIONING")),
     "CtrLoRABlendLightingSeg": ("Blend Lighting + Segmentation", ["lighting", "segmentation", "alpha", "mode"],
                                 ["lighting_mask", "segmentation_mask"], ("IMAGE",)),

@@ -118,7 +118,7 @@ def test_converter_refuses_wrong_widget_counts_and_unknown_nodes():
     workflow = load("dental_single_condition")
     apply = next(n for n in workflow["nodes"] if n["type"] == "CtrLoRAApply")
     apply["widgets_values"] = apply["widgets_values"][:-1]
-    with pytest.raises(WorkflowError, match="CtrLoRAApply.*4 widget values, expected 5"):
+    with pytest.raises(WorkflowError, match="CtrLoRAApply.*5 widget values, expected 6"):
         to_api(workflow, slots_of)
     apply["type"] = "SomeOtherPack"
     with pytest.raises(WorkflowError, match="unknown node type 'SomeOtherPack'"):

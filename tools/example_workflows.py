@@ -93,7 +93,7 @@ SIZES = {
     "MarkdownNote": (340, 520), "LoadImage": (300, 340), "CtrLoRABlendLightingSeg": (320, 360),
     "PreviewImage": (300, 300), "CtrLoRALoRALoader": (340, 190), "CtrLoRACondition": (300, 100),
     "CtrLoRABlendLoRAs": (300, 240), "CheckpointLoaderSimple": (340, 100), "CtrLoRABaseLoader": (340, 170),
-    "CtrLoRADentalPrompt": (400, 250), "CLIPTextEncode": (400, 170), "CtrLoRAApply": (300, 240),
+    "CtrLoRADentalPrompt": (400, 250), "CLIPTextEncode": (400, 170), "CtrLoRAApply": (300, 264),
     "EmptyLatentImage": (300, 110), "KSampler": (300, 270), "VAEDecode": (200, 50), "SaveImage": (300, 330),
 }
 GAP = 40
@@ -234,7 +234,7 @@ def _prompts_base_apply(g: Graph, conditions: Node, sampling: Sampling = QUALITY
     g.link(prompt, 0, positive, "text", widget=True)
     negative = g.add("CLIPTextEncode", [NEGATIVE], title="Negative")
     g.link(checkpoint, 1, negative, "clip")
-    apply = g.add("CtrLoRAApply", [1.0, 0.0, 1.0, True, "constant"])
+    apply = g.add("CtrLoRAApply", [1.0, 0.0, 1.0, True, "constant", True])
     g.link(positive, 0, apply, "positive")
     g.link(negative, 0, apply, "negative")
     g.link(base, 0, apply, "base")

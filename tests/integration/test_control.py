@@ -47,6 +47,14 @@ def lib(comfy_lib):
                            LoRAHandle=LoRAHandle, model=SimpleNamespace(model_sampling=Sampling()))
 
 
+@pytest.fixture(autouse=True)
+def empty_residual_cache():
+    """Every test computes its residuals (and encodes its images) afresh."""
+    from ComfyUI_CtrLoRA.nodes.residual_cache import SHARED
+
+    SHARED.clear()
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     return write_random_files(tmp_path_factory.mktemp("small"), SMALL_CONFIG, rank=4, lora_names=("a", "b", "c"))
@@ -261,7 +269,7 @@ def test_condition_image_reaches_the_vae_in_unit_range_resized_like_core(lib, fi
     control = top_control(pos)
     assert control._latents[0].shape == (1, 4, 8, 8)
     assert all(r.shape[0] == 4 for r in flat(out))  # the batch-1 hint was expanded to the 4 rows
-    assert control._hint(x, 2).shape == (4, 4, 8, 8)
+    assert control._hint_rows(4, 2) == [[0, 0, 0, 0]]
 
 
 def test_strength_percent_range_and_zero_strength(lib, files, base, vae, image):
