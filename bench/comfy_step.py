@@ -44,15 +44,14 @@ controlnet3's. Writes bench/results/comfy_step_<device>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from typing import NamedTuple
 
-from bench_device import CpuShare, device_label, results_path
+from bench_device import (CpuShare, child_result, device_label, ensure_fake_models, print_result, results_path,
+                          write_report)
 from testbed import fake_models
 from testbed.comfy_host import import_comfy, load_pack, pack_module
 
@@ -306,12 +305,7 @@ def subprocess_json(mode: list[str], args: argparse.Namespace, env: dict | None 
                "--res", str(args.res), "--steps", str(args.steps), "--repeats", str(args.repeats),
                "--queue", str(args.queue), "--queue-res", str(args.queue_res),
                "--breakdown" if args.breakdown else "--no-breakdown", *mode]  # mode last: it may override
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode or not lines:
-        sys.exit(f"{' '.join(mode)} failed (exit status {done.returncode}; -9: killed, e.g. out of memory):\n"
-                 f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return child_result(command, " ".join(mode), env)
 
 
 def summarise(name: str, runs: list[dict]) -> dict:
@@ -352,15 +346,13 @@ def main() -> None:
     if not args.comfyui:
         sys.exit("set COMFYUI_PATH (or --comfyui) to a ComfyUI checkout")
     if args.case:
-        print("RESULT " + json.dumps(measure_case(args.case, args)))
+        print_result(measure_case(args.case, args))
         return
     if args.queue_only:
-        print("RESULT " + json.dumps(measure_queue(args)))
+        print_result(measure_queue(args))
         return
 
-    if fake_models.missing_files(fake_models.cache_dir()):
-        subprocess.run([sys.executable, "-m", "testbed.fake_models"], check=True,
-                       env=dict(os.environ, COMFYUI_PATH=args.comfyui))
+    ensure_fake_models(args.comfyui)
     load_before = os.getloadavg()
     rounds: dict[str, list[dict]] = {case: [] for case in args.cases}
     for round_ in range(args.rounds):
@@ -410,11 +402,7 @@ def main() -> None:
                               "allocated (GPU) minus the start; resident = VmRSS / CUDA allocated after a 2-step "
                               "run minus the start (residual cache entries included: residual_cache_bytes); "
                               "control_* = the case's value minus txt2img's (peak includes reading the model files)")}
-    out = results_path("comfy_step", gpu)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(report, f, indent=2)
-    print(out)
+    write_report(results_path("comfy_step", gpu), report)
 
 
 if __name__ == "__main__":

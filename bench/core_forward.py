@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import resource
 import subprocess
 import sys
 import time
 
-from bench_device import device_label, results_path
+from bench_device import device_label, results_path, write_report
 
 CASES = ("plain", "single", "multi3", "chained3")
 
@@ -133,11 +132,7 @@ def main() -> None:
               "config": args.config, "res": args.res, "batch": args.batch, "rank": args.rank, "dtype": args.dtype,
               "reps": args.reps, "results": results, "ratios": ratios,
               "memory_note": "peak = CUDA max allocated" if gpu else "peak = process peak RSS (includes Python/torch)"}
-    out_path = args.out or results_path("core_forward", gpu)
-    os.makedirs(os.path.dirname(out_path), exist_ok=True)
-    with open(out_path, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"wrote {out_path}")
+    write_report(args.out or results_path("core_forward", gpu), report)
 
 
 if __name__ == "__main__":

@@ -26,13 +26,12 @@ bench/results/realtime_<device>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
 
-from bench_device import CpuShare, device_label, results_path
+from bench_device import (CpuShare, child_result, device_label, ensure_fake_models, print_result, results_path,
+                          write_report)
 from testbed import fake_models
 from testbed.comfy_host import import_comfy, load_pack, pack_module
 
@@ -168,21 +167,14 @@ def main() -> None:
     if not args.comfyui:
         sys.exit("set COMFYUI_PATH (or --comfyui) to a ComfyUI checkout")
     if args.measure:
-        print("RESULT " + json.dumps(measure(args)))
+        print_result(measure(args))
         return
 
-    if fake_models.missing_files(fake_models.cache_dir()):
-        subprocess.run([sys.executable, "-m", "testbed.fake_models"], check=True,
-                       env=dict(os.environ, COMFYUI_PATH=args.comfyui))
+    ensure_fake_models(args.comfyui)
     load_before = os.getloadavg()
     command = [sys.executable, __file__, "--measure", "--comfyui", args.comfyui, "--device", args.device,
                "--res", str(args.res), "--steps", str(args.steps), "--repeats", str(args.repeats)]
-    done = subprocess.run(command, capture_output=True, text=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode or not lines:
-        sys.exit(f"realtime failed (exit status {done.returncode}; -9: killed, e.g. out of memory):\n"
-                 f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    measured = json.loads(lines[-1][len("RESULT "):])
+    measured = child_result(command, "realtime")
     results = measured["results"]
     gpu = args.device == "gpu"
     print(f"{'case':<15} {'prompt':>7} {'condition':>9} {'sampling':>9} {'decode':>7} {'total':>7}  (seconds)")
@@ -208,11 +200,7 @@ def main() -> None:
               "results": results, "ratios": ratios,
               "note": ("random-weight full-size SD1.5 + CtrLoRA base + rank-128 LoRA; total = condition + "
                        "sampling + decode (the prompt encode is cached by ComfyUI across re-runs)")}
-    out = results_path("realtime", gpu)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(report, f, indent=2)
-    print(out)
+    write_report(results_path("realtime", gpu), report)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 
-from bench_device import device_label, results_path
+from bench_device import device_label, ensure_fake_models, results_path, write_report
 from testbed import fake_models
 from testbed.comfy_base_dir import make_base_directory
 from testbed.comfy_host import PACK_ROOT
@@ -175,9 +175,7 @@ def main() -> None:
     if not 0 < args.warmup < args.bad_every <= args.prompts:
         sys.exit("need 0 < --warmup < --bad-every <= --prompts (the warm-up prompts are all good)")
 
-    if fake_models.missing_files(fake_models.cache_dir()):
-        subprocess.run([sys.executable, "-m", "testbed.fake_models"], check=True,
-                       env=dict(os.environ, COMFYUI_PATH=args.comfyui))
+    ensure_fake_models(args.comfyui)
     base_dir = tempfile.mkdtemp(prefix="ctrlora-soak-")
     make_base_directory(base_dir, fake_models.cache_dir())
     server = ComfyServer(args.comfyui, base_dir, args.python).start()
@@ -240,10 +238,7 @@ def main() -> None:
                               "/proc/PID/clear_refs) minus VmRSS before it; growth = settled VmRSS after the "
                               "last prompt vs after the warm-up prompts (each read 11 s after the prompt, after "
                               "ComfyUI's own garbage collection)")}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
     sys.exit(0 if all(met.values()) else 1)
 
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench_device import device_label, results_path
+from bench_device import device_label, results_path, write_report
 from ctrlora_core.adapters import CtrLoRAAdapter
 from ctrlora_core.config import ControlNetConfig
 from ctrlora_core.random_weights import random_base, randomize_
@@ -225,12 +225,9 @@ def main() -> None:
     if e2e:
         print(f"end to end: {e2e['pairs']} pairs, {e2e['steps']} steps in {e2e['seconds']:.0f} s "
               f"(target <= 300 s on one H100)")
-    out = Path(results_path("train_step", gpu))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": label, "device_type": device.type, "preset": args.preset, "size": args.size,
-                                   "torch": torch.__version__, "runs": runs, "ratios": ratios,
-                                   "memory_measure": memory_key, "end_to_end": e2e}, indent=2))
-    print(f"wrote {out}")
+    write_report(results_path("train_step", gpu), {
+        "device": label, "device_type": device.type, "preset": args.preset, "size": args.size, "torch": torch.__version__,
+        "runs": runs, "ratios": ratios, "memory_measure": memory_key, "end_to_end": e2e})
 
 
 if __name__ == "__main__":
