@@ -22,25 +22,20 @@ Per sample the renderer produces (all float32 in [0, 1], HWC):
 - `depth`, `normal`, `edges`: extra maps of the same scene (used to pretrain the
   demo's Base ControlNet on conditions other than the demo's own).
 
-Two dataset layouts are written:
-
-- `write_maps_dataset` ("maps", the user's real data): per sample a grey lighting map in
-  lighting/, a flat-colour segmentation map in segmentation/ (`segmentation_map`: teeth,
-  gums and a dark grey background in the colours of `SEG_PALETTE`) and the render in
-  target/, all under one map-kind-free key shaped like the user's file names: the jaw, a
-  patient or model id, the view with its detail words and sometimes a trailing tag
-  (`upper_3C6EF372_front_top_left.png`, `lower_patient7_bottom.png`,
-  `upper_smith_right_12.png`, `lower_patient17_front_slightly_up_weight_5.png`;
-  `sample_key`). The trainer blends the two maps into the condition.
-- `write_dataset` ("source/target", what the trainer read before the maps layout):
-  source/ holds the ready-blended condition `blend_lighting_seg(lighting, seg)` of the
-  per-tooth segmentation, names `upper_front_0001.png`.
+The dataset is written in the maps layout (`write_maps_dataset`, the user's real data): per
+sample a grey lighting map in lighting/, a flat-colour segmentation map in segmentation/
+(`segmentation_map`: teeth, gums and a dark grey background in the colours of `SEG_PALETTE`)
+and the render in target/, all under one map-kind-free key shaped like the user's file names:
+the jaw, a patient or model id, the view with its detail words and sometimes a trailing tag
+(`upper_3C6EF372_front_top_left.png`, `lower_patient7_bottom.png`, `upper_smith_right_12.png`,
+`lower_patient17_front_slightly_up_weight_5.png`; `sample_key`). The trainer blends the two
+maps into the condition.
 
 Everything is deterministic given (seed, index); `render(make_scene(seed, index))` is
 what the demo's miniature models were pretrained on (pretrain_demo.py), so it must not
 change for scenes without a view detail.
 
-CLI: python demo/synth_dental.py --out data/synth --count 200 --size 64 [--layout source]
+CLI: python demo/synth_dental.py --out data/synth --count 200 --size 64
 """
 from __future__ import annotations
 
@@ -53,7 +48,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ctrlora_core.conditions import blend_lighting_seg
 from ctrlora_core.prompts import JAWS, VIEWS
 
 # Tooth types from the midline backwards: width (mesiodistal), depth (buccolingual),
@@ -158,11 +152,6 @@ class SampleKey:
     jaw: str
     view: str
     view_detail: tuple[str, ...]
-
-
-def sample_name(jaw: str, view: str, index: int) -> str:
-    """File name of sample `index` in the source/target layout, e.g. 'upper_front_0001.png'."""
-    return f"{jaw}_{view}_{index:04d}.png"
 
 
 def sample_key(seed: int, index: int) -> SampleKey:
@@ -435,11 +424,6 @@ def render(scene: Scene, size: int = 64, supersample: int = 2) -> dict[str, np.n
     }
 
 
-def condition_image(maps: dict[str, np.ndarray], alpha: float = 0.5, mode: str = "alpha") -> np.ndarray:
-    """The source/target layout's condition: the lighting map blended with the per-tooth segmentation."""
-    return blend_lighting_seg(maps["lighting"], maps["seg"], alpha=alpha, mode=mode)
-
-
 def segmentation_map(labels: np.ndarray) -> np.ndarray:
     """The user's kind of segmentation map of `labels` [H, W]: flat SEG_PALETTE colours, float32 HWC."""
     palette = np.array([SEG_PALETTE["teeth"], SEG_PALETTE["gum"], SEG_PALETTE["background"]], np.float32) / 255.0
@@ -456,32 +440,6 @@ def _check_extra_maps(extra_maps: tuple[str, ...]) -> None:
     unknown = set(extra_maps) - set(EXTRA_MAPS)
     if unknown:
         raise ValueError(f"extra_maps: unknown {sorted(unknown)}; valid: {EXTRA_MAPS}")
-
-
-def write_dataset(out_dir: str | os.PathLike, count: int, seed: int = 0, size: int = 64, start: int = 0,
-                  alpha: float = 0.5, mode: str = "alpha", extra_maps: tuple[str, ...] = ()) -> list[str]:
-    """Write samples start..start+count-1 into `out_dir`; return their file names.
-
-    Folders: source/ (condition = blended lighting + seg), target/, source_lighting/,
-    source_seg/ and one folder per name in `extra_maps` (depth, normal, edges). This is
-    the trainer's dental layout: prompts come from the file names.
-    """
-    _check_extra_maps(extra_maps)
-    root = Path(out_dir)
-    folders = {"source": "source", "target": "target", "lighting": "source_lighting", "seg": "source_seg"}
-    folders.update({name: name for name in extra_maps})
-    for folder in folders.values():
-        (root / folder).mkdir(parents=True, exist_ok=True)
-    names = []
-    for index in range(start, start + count):
-        scene = make_scene(seed, index)
-        maps = render(scene, size)
-        maps["source"] = condition_image(maps, alpha, mode)
-        name = sample_name(scene.jaw, scene.view, index)
-        for key, folder in folders.items():
-            _save_png(maps[key], root / folder / name)
-        names.append(name)
-    return names
 
 
 def write_maps_dataset(out_dir: str | os.PathLike, count: int, seed: int = 0, size: int = 64, start: int = 0,
@@ -516,13 +474,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--extra-maps", nargs="*", default=[], choices=EXTRA_MAPS)
-    parser.add_argument("--layout", choices=("maps", "source"), default="maps",
-                        help="maps: lighting/, segmentation/, target/ under the user's kind of names; "
-                             "source: the blended condition in source/, target/, names upper_front_0001.png")
     args = parser.parse_args(argv)
-    write = write_maps_dataset if args.layout == "maps" else write_dataset
-    names = write(args.out, args.count, args.seed, args.size, args.start, extra_maps=tuple(args.extra_maps))
-    print(f"wrote {len(names)} samples to {args.out}")
+    keys = write_maps_dataset(args.out, args.count, args.seed, args.size, args.start, tuple(args.extra_maps))
+    print(f"wrote {len(keys)} samples to {args.out}")
 
 
 if __name__ == "__main__":

@@ -1,29 +1,19 @@
-"""The procedural dental dataset of the demo: both layouts, the user's names and palette, determinism,
-per-tooth segmentation."""
+"""The procedural dental dataset of the demo: the maps layout, the user's names and palette, determinism,
+per-tooth segmentation (the pretraining's condition)."""
 import os
 import re
 
 import numpy as np
 import pytest
 
-from ctrlora_core import conditions
-from ctrlora_core.conditions import blend_lighting_seg, load_image
-from ctrlora_core.prompts import PromptError, PromptTemplate, parse_dental_name
+from ctrlora_core.conditions import DENTAL_PALETTE, load_image
+from ctrlora_core.prompts import parse_dental_name
 from demo import synth_dental as sd
-from train.dataset import find_pairs
 
 # The shapes of the user's file names (issue 10), without the map-kind prefix.
 KEY_SHAPE = re.compile(r"^(?P<jaw>upper|lower)_(?P<id>[0-9A-F]{8}|patient\d+|[a-z]+)_"
                        r"(?P<view>top|front|bottom|left|right)(?P<detail>(_slightly)?(_(top|bottom|left|right|up|down))*)"
                        r"(?P<tail>_\d+|_weight_5)?\.png$")
-
-
-def _parser_reads_real_names() -> bool:
-    try:
-        parse_dental_name("upper_AB12CD34_left.png")
-    except PromptError:
-        return False
-    return True
 
 
 def test_maps_dataset_layout(tmp_path):
@@ -49,8 +39,7 @@ def test_maps_dataset_layout(tmp_path):
 def test_segmentation_is_flat_palette_colours_and_nearest_colour_finds_teeth_and_gums():
     palette = np.array([sd.SEG_PALETTE[k] for k in ("teeth", "gum", "background")], np.float32)
     assert sd.SEG_PALETTE == {"teeth": (196, 196, 116), "gum": (204, 68, 44), "background": (56, 56, 56)}
-    if hasattr(conditions, "DENTAL_PALETTE"):  # the trainer's palette (issue 10), once it exists
-        assert {k: tuple(v) for k, v in conditions.DENTAL_PALETTE.items()} == sd.SEG_PALETTE
+    assert {k: tuple(v) for k, v in DENTAL_PALETTE.items()} == sd.SEG_PALETTE  # the trainer's palette
     for index in (0, 1, 7):
         maps = sd.render(sd.make_scene(0, index), size=64)
         labels, seg = maps["labels"], np.round(sd.segmentation_map(maps["labels"]) * 255)
@@ -80,8 +69,6 @@ def test_keys_have_the_shapes_of_the_users_file_names():
     assert {(k.jaw, k.view) for k in keys} == {(j, v) for j in sd.JAWS for v in sd.VIEWS}
 
 
-@pytest.mark.skipif(not _parser_reads_real_names(),
-                    reason="ctrlora_core.prompts.parse_dental_name does not read the user's names yet (issue 10 item 1)")
 def test_keys_parse_with_the_dental_parser():
     for key in (sd.sample_key(0, i) for i in range(40)):
         tags = parse_dental_name(key.name)
@@ -124,35 +111,10 @@ def test_view_detail_turns_the_camera_and_keeps_the_scene():
         sd.make_scene(0, 1, view_detail=("sideways",))
 
 
-def test_cli_writes_either_layout(tmp_path):
-    sd.main(["--out", str(tmp_path / "maps"), "--count", "2", "--size", "32"])
-    assert sorted(os.listdir(tmp_path / "maps")) == ["lighting", "segmentation", "target"]
-    sd.main(["--out", str(tmp_path / "source"), "--count", "2", "--size", "32", "--layout", "source"])
-    assert {"source", "target"} <= set(os.listdir(tmp_path / "source"))
-
-
-def test_dataset_files_names_and_prompts(tmp_path):
-    names = sd.write_dataset(tmp_path, count=12, seed=3, size=32, start=5, extra_maps=("depth", "edges"))
-    assert names == [sd.sample_name(*sd.jaw_view_for_index(i), i) for i in range(5, 17)]
-    assert len({tuple(parse_dental_name(n)) for n in names}) == 10  # all jaw/view pairs appear
-    for folder in ("source", "target", "source_lighting", "source_seg", "depth", "edges"):
-        assert sorted(os.listdir(tmp_path / folder)) == sorted(names)
-    assert not (tmp_path / "normal").exists()
-    for name in names[:3]:
-        for folder in ("source", "target", "source_lighting"):
-            assert load_image(tmp_path / folder / name).shape == (32, 32, 3)
-    pairs, issues = find_pairs(tmp_path)  # the trainer's dental layout: prompts from the names
-    assert issues == [] and sorted(p.target.name for p in pairs) == sorted(names)
-    assert all(p.prompt == PromptTemplate().for_file(p.target.name) for p in pairs)
-
-
-def test_source_is_the_blend_of_the_saved_lighting_and_seg(tmp_path):
-    (name,) = sd.write_dataset(tmp_path, count=1, seed=0, size=32, alpha=0.5, mode="overlay")
-    lighting = load_image(tmp_path / "source_lighting" / name)
-    seg = load_image(tmp_path / "source_seg" / name)
-    source = load_image(tmp_path / "source" / name)
-    # both inputs were rounded to 8 bits before saving, the blend was not
-    assert np.abs(blend_lighting_seg(lighting, seg, 0.5, "overlay") - source).max() <= 2.5 / 255
+def test_cli_writes_the_maps_layout(tmp_path):
+    sd.main(["--out", str(tmp_path), "--count", "2", "--size", "32", "--start", "3", "--extra-maps", "depth"])
+    assert sorted(os.listdir(tmp_path)) == ["depth", "lighting", "segmentation", "target"]
+    assert sorted(os.listdir(tmp_path / "target")) == sorted(sd.sample_key(0, i).name for i in (3, 4))
 
 
 def test_rendering_is_deterministic_per_seed_and_index():
@@ -200,4 +162,4 @@ def test_target_shading_follows_the_lighting_map():
 
 def test_unknown_extra_map_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="extra_maps"):
-        sd.write_dataset(tmp_path, count=1, extra_maps=("albedo",))
+        sd.write_maps_dataset(tmp_path, count=1, extra_maps=("albedo",))

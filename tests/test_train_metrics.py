@@ -163,7 +163,7 @@ def test_evaluate_writes_metrics_consistent_with_its_grids(tmp_path):
     backbone.save(weights)
     save_adapter(random_adapter(backbone.controlnet, 4, seed=1), tmp_path / "lora.safetensors")
     metrics = evaluate.main(["--data", str(data), "--lora", str(tmp_path / "lora.safetensors"), "--model", str(weights),
-                             "--steps", "2", "--batch-size", "2", "--out", str(tmp_path / "eval")])
+                             "--steps", "2", "--batch-size", "2", "--save-samples", "--out", str(tmp_path / "eval")])
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(metrics))
     assert list(saved["per_pair"]) == ["trained", "untrained", "no_control"]
@@ -177,6 +177,10 @@ def test_evaluate_writes_metrics_consistent_with_its_grids(tmp_path):
     column = [grid[:64, 64 * i:64 * (i + 1)].permute(2, 0, 1)[None] for i in range(5)]
     for i, variant in enumerate(("trained", "untrained", "no_control"), start=1):
         assert float(psnr(column[i], column[4])) == pytest.approx(saved["per_pair"][variant][0]["psnr"], abs=0.1)
+    # --save-samples: each grid tile also as its own file, named like the pair's target
+    for i, folder in enumerate(("condition", "trained", "untrained", "no_control")):
+        tile = np.asarray(Image.open(tmp_path / "eval" / "samples" / folder / "lower_left_0001.png"), np.float32)
+        np.testing.assert_array_equal(tile / 255.0, column[i][0].permute(1, 2, 0).numpy())
     means = saved["mean"]
     assert len({means[v]["psnr"] for v in means}) == 3  # three different models
     assert "| trained LoRA |" in (tmp_path / "eval" / "metrics.md").read_text()

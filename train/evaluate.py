@@ -19,7 +19,9 @@ LPIPS is absent: see train/metrics.py.
 The maps layout's options (--maps, --blend-alpha, --blend-mode, --seg-palette, --seg-tolerance)
 default to what the LoRA's metadata records, so a LoRA is evaluated on conditions made as in its
 training. Writes into --out: metrics.json (per pair and means), metrics.md (a Markdown table)
-and grid PNGs with one row per pair: condition | trained | untrained | no control | target.
+and grid PNGs with one row per pair: condition | trained | untrained | no control | target;
+with --save-samples also every sample as samples/<variant>/<target name>.png and every
+condition as samples/condition/<target name>.png.
 """
 from __future__ import annotations
 
@@ -100,6 +102,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="autocast precision (default: auto = bf16 on CUDA, else fp32)")
     parser.add_argument("--out", default="eval", help="output folder for metrics.json, metrics.md and grids "
                                                       "(default: eval)")
+    parser.add_argument("--save-samples", action="store_true", help="also write every sample as "
+                        "OUT/samples/<variant>/<target name>.png (variants: trained, untrained, no_control) and "
+                        "every condition as OUT/samples/condition/<target name>.png")
     return parser.parse_args(argv)
 
 
@@ -191,6 +196,10 @@ def main(argv: list[str] | None = None) -> dict:
             for i, pair in enumerate(chunk):
                 records[variant].append({"name": pair.name, **{k: _finite(float(v[i])) for k, v in metrics.items()}})
         save_grid(out / f"grid_{start // args.batch_size:03d}.png", conditions, *samples.values(), targets)
+        if args.save_samples:
+            for folder, images in {"condition": conditions, **samples}.items():
+                for pair, image in zip(chunk, images):
+                    save_grid(out / "samples" / folder / f"{pair.target.stem}.png", image[None])
 
     means = {variant: {k: _mean([r[k] for r in rows]) for k in rows[0] if k != "name"}
              for variant, rows in records.items()}
