@@ -336,6 +336,8 @@ def main() -> None:
                              "forward timed (default on)")
     parser.add_argument("--case", choices=list(CASES), help=argparse.SUPPRESS)  # internal: one case, as JSON
     parser.add_argument("--queue-only", action="store_true", help=argparse.SUPPRESS)  # internal: the queue check
+    parser.add_argument("--out", help="result JSON (default bench/results/comfy_step_<device>.json; another name for "
+                                      "a run of some cases, which would otherwise replace the full run's figures)")
     parser.add_argument("--dry-run", action="store_true", help="check the arguments and print the plan; run nothing")
     args = parser.parse_args()
     if args.dry_run:
@@ -402,7 +404,7 @@ def main() -> None:
                               "allocated (GPU) minus the start; resident = VmRSS / CUDA allocated after a 2-step "
                               "run minus the start (residual cache entries included: residual_cache_bytes); "
                               "control_* = the case's value minus txt2img's (peak includes reading the model files)")}
-    write_report(results_path("comfy_step", gpu), report)
+    write_report(args.out or results_path("comfy_step", gpu), report)
 
 
 if __name__ == "__main__":
