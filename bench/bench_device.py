@@ -8,9 +8,8 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from ctrlora_core.files import atomic_write
+from ctrlora_core.files import write_json
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -61,7 +60,7 @@ def child_result(command: list[str], what: str, env: dict | None = None) -> dict
 
 def write_report(path: str, report: dict) -> None:
     """Write a bench's JSON report atomically (an interrupted bench leaves the last good file) and say where."""
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
+    write_json(path, report)
     print(f"wrote {path}")
 
 

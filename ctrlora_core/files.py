@@ -40,6 +40,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
         raise
 
 
+def write_json(path: str | os.PathLike, data: object) -> None:
+    """Write `data` as indented JSON through `atomic_write` (an interrupted run leaves the last good file)."""
+    text = json.dumps(data, indent=2) + "\n"
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    atomic_write(path, write)
+
+
 def file_stamp(path: str | os.PathLike) -> tuple[str, int, int]:
     """(real path, size in bytes, modification time in ns) of `path`."""
     stat = os.stat(path)

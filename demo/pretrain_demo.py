@@ -54,7 +54,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from ctrlora_core.adapters import CtrLoRAAdapter, stack_adapters  # noqa: E402
 from ctrlora_core.controlnet import CtrLoRAControlNet  # noqa: E402
-from ctrlora_core.files import file_sha256  # noqa: E402
+from ctrlora_core.files import file_sha256, write_json  # noqa: E402
 from ctrlora_core.formats import save_adapter, save_safetensors  # noqa: E402
 from ctrlora_core.prompts import PromptTemplate  # noqa: E402
 from ctrlora_core.schedule import NoiseSchedule  # noqa: E402
@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     record = {"settings": settings, "pretrain_seed": PRETRAIN_SEED, "stats": stats, "timings_s": timings,
               "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
               "reused_stages": work is not None}
-    (out / "pretrain_log.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_json(out / "pretrain_log.json", record)
     files = sorted(p for p in out.iterdir() if p.suffix in (".safetensors", ".json"))
     (out / "SHA256SUMS").write_text("".join(f"{file_sha256(p)}  {p.name}\n" for p in files))
     log(f"wrote {len(files)} files to {out} in {timings['total'] / 60:.1f} min")

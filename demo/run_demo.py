@@ -25,7 +25,6 @@ trainer's log.jsonl.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import time
@@ -39,7 +38,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from ctrlora_core.files import atomic_write, file_sha256  # noqa: E402
+from ctrlora_core.files import atomic_write, file_sha256, write_json  # noqa: E402
 from demo import synth_dental  # noqa: E402
 from demo.pretrain_demo import PRETRAIN_SEED  # noqa: E402
 from train import evaluate, train_lora  # noqa: E402
@@ -95,7 +94,7 @@ def save_preview(path: Path, columns: dict[str, list[Path]], zoom: int = 3) -> N
 
 def write_report(out: Path, report: dict) -> str:
     """report.json (everything) and report.md (the summary a person reads); returns the metrics table."""
-    atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
+    write_json(out / "report.json", report)
     s, t, ev = report["settings"], report["timings_s"], report["evaluation"]
     table = evaluate.markdown_table(ev["mean"], ev["target_boundary_f1"])
     gains = report["gains_over_untrained"]

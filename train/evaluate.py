@@ -26,7 +26,6 @@ condition as samples/condition/<target name>.png.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -42,6 +41,7 @@ except ModuleNotFoundError:
 from ctrlora_core.adapters import CtrLoRAAdapter
 from ctrlora_core.conditions import DENTAL_BLEND_ALPHA, SEG_TOLERANCE, load_map, region_masks
 from ctrlora_core.errors import CtrLoRAError
+from ctrlora_core.files import write_json
 from ctrlora_core.formats import load_adapter
 from ctrlora_core.prompts import DEFAULT_TEMPLATE, PromptTemplate
 from train.backbones import open_backbone
@@ -213,8 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
         "mean": means,
         "per_pair": records,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    write_json(out / "metrics.json", result)
     table = markdown_table(means, result["target_boundary_f1"])
     (out / "metrics.md").write_text(f"{len(pairs)} held-out pairs of {args.data}, {args.steps} DDIM steps, CFG "
                                     f"{args.cfg:g}, seed {args.seed}\n\n{table}")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -27,7 +26,7 @@ from safetensors.torch import load_file
 
 from ctrlora_core.config import ControlNetConfig
 from ctrlora_core.controlnet import CtrLoRAControlNet
-from ctrlora_core.files import atomic_write, file_stamp
+from ctrlora_core.files import file_stamp, write_json
 from ctrlora_core.formats import CONTROL_PREFIX, load_base, save_safetensors
 from ctrlora_core.random_weights import randomize_, random_base
 from train.backbones.tiny_models import TINY_CONFIG, TinyAutoencoder, TinyTextEncoder, TinyUNet
@@ -103,8 +102,7 @@ class TinyBackbone:
             save_safetensors(model.state_dict(), os.path.join(folder, WEIGHT_FILES[name]))
         save_safetensors({CONTROL_PREFIX + k: v for k, v in self.controlnet.state_dict().items()},
                          os.path.join(folder, BASE_FILE))
-        text = json.dumps(settings, indent=2)
-        atomic_write(os.path.join(folder, CONFIG_FILE), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        write_json(os.path.join(folder, CONFIG_FILE), settings)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute UNet blocks during backward (less memory, more compute)."""
