@@ -27,8 +27,11 @@ the same graph with seed 0. Each case's fastest run is reported (all runs are in
 Memory, counted from after the checkpoint is loaded and the prompts encoded: the peak
 (VmHWM on the CPU, torch.cuda.max_memory_allocated on a GPU; includes reading the control
 files) and the resident memory after sampling (the residual cache's entries included, also
-given alone); the control's share is the case's value minus txt2img's. Also the bytes of the
-control weights the case holds (parameters + stacked adapters).
+given alone); the control's share is the case's value minus txt2img's. On the CPU, resident
+is read after glibc gave its freed heap back (malloc_trim, before the start too): glibc keeps
+freed blocks of the last forward passes, a few hundred MiB that differ by case and by run and
+that no model holds; the VmRSS before that is kept as resident_untrimmed_bytes. Also the bytes
+of the control weights the case holds (parameters + stacked adapters).
 
 --queue N (default 50): N prompts queued one after the other in one process, each with a
 new seed and a new prompt text (so every run adds cache entries: the worst case), Apply
@@ -83,6 +86,8 @@ RATIOS = {  # name: (case, over case, measure, target)
     "c_over_three_chained_step": ("ctrlora3", "controlnet3", "s_per_step", 0.8),
     "c_over_three_copies_control_peak_memory": ("ctrlora3", "controlnet3", "control_peak_bytes", None),
     "c_over_three_copies_control_weights": ("ctrlora3", "controlnet3", "control_weight_bytes", None),
+    "c_over_three_copies_control_resident_untrimmed": ("ctrlora3", "controlnet3",
+                                                       "control_resident_untrimmed_bytes", None),
     "a_over_txt2img_step": ("controlnet", "txt2img", "s_per_step", None),
     "b_over_txt2img_step": ("ctrlora1", "txt2img", "s_per_step", None),
 }
@@ -182,13 +187,16 @@ class Session:
                               disable_pbar=True, seed=seed)
         return [b - a for a, b in zip(stamps, stamps[1:])]
 
-    def memory(self, device: str, start_rss: int) -> tuple[int, int]:
-        """(peak, resident) bytes since `reset_peak`."""
+    def memory(self, device: str, start_rss: int) -> tuple[int, int, int]:
+        """(peak, resident, resident before the freed heap is given back) bytes since `reset_peak`."""
         if device == "gpu":
             import torch
 
-            return torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
-        return process_memory("VmHWM") - start_rss, process_memory("VmRSS") - start_rss
+            allocated = torch.cuda.memory_allocated()
+            return torch.cuda.max_memory_allocated(), allocated, allocated
+        untrimmed = process_memory("VmRSS") - start_rss
+        pack_module("nodes.ctrlora_control").return_freed_heap()
+        return process_memory("VmHWM") - start_rss, process_memory("VmRSS") - start_rss, untrimmed
 
 
 class ControlTimer:
@@ -248,11 +256,12 @@ def measure_case(name: str, args: argparse.Namespace) -> dict:
 
     case = CASES[name]
     session = Session(args, case.batch, args.res)
+    pack_module("nodes.ctrlora_control").return_freed_heap()
     start_rss = process_memory("VmRSS")
     reset_peak(args.device)
     positive, negative, control_bytes = session.conditioning(case.control)
     session.sample(positive, negative, 2, seed=0)
-    peak, resident = session.memory(args.device, start_rss)
+    peak, resident, untrimmed = session.memory(args.device, start_rss)
     cache_bytes = session.residual_cache.nbytes
     runs, share = [], CpuShare()
     for repeat in range(args.repeats):
@@ -271,6 +280,7 @@ def measure_case(name: str, args: argparse.Namespace) -> dict:
             steps = session.sample(positive, negative, args.steps, seed=args.repeats + 1)
         breakdown = {"step_s": sum(steps) / len(steps), **timer.per_call(len(steps))}
     return {"case": name, "batch": case.batch, "peak_bytes": peak, "resident_bytes": resident,
+            "resident_untrimmed_bytes": untrimmed,
             "residual_cache_bytes": cache_bytes, "control_weight_bytes": control_bytes, "steps": runs,
             "breakdown": breakdown, "cpu_share": share.value(torch.get_num_threads()), "torch": torch.__version__,
             "threads": torch.get_num_threads()}
@@ -365,6 +375,8 @@ def main() -> None:
         for r in results.values():
             r["control_peak_bytes"] = r["peak_bytes"] - results["txt2img"]["peak_bytes"]
             r["control_resident_bytes"] = r["resident_bytes"] - results["txt2img"]["resident_bytes"]
+            r["control_resident_untrimmed_bytes"] = (r["resident_untrimmed_bytes"]
+                                                     - results["txt2img"]["resident_untrimmed_bytes"])
     for case, r in results.items():
         step = "    n/a" if r["s_per_step"] is None else f"{r['s_per_step']:7.3f}"
         print(f"{case:<15} {step} s/step   peak +{r['peak_bytes'] / 2**30:5.2f} GiB   resident "
@@ -401,8 +413,9 @@ def main() -> None:
               "load_average_before_after": [load_before, load_after], "results": results, "ratios": ratios,
               "targets": targets, "queue": queue,
               "memory_note": ("measured from after the checkpoint is loaded: peak = VmHWM (CPU) or CUDA max "
-                              "allocated (GPU) minus the start; resident = VmRSS / CUDA allocated after a 2-step "
-                              "run minus the start (residual cache entries included: residual_cache_bytes); "
+                              "allocated (GPU) minus the start; resident = VmRSS (after malloc_trim gave glibc's "
+                              "freed heap back; before it: resident_untrimmed_bytes) / CUDA allocated after a "
+                              "2-step run minus the start (residual cache entries included: residual_cache_bytes); "
                               "control_* = the case's value minus txt2img's (peak includes reading the model files)")}
     write_report(args.out or results_path("comfy_step", gpu), report)
 

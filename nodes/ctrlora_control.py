@@ -64,7 +64,7 @@ def merge_patches(stack: AdapterStack) -> dict[str, Any]:
     return patches
 
 
-def _return_freed_heap() -> None:
+def return_freed_heap() -> None:
     """Give freed heap memory back to the OS (glibc's malloc_trim; a no-op elsewhere).
 
     A LoRA file is read as hundreds of ~1 MB tensors; once they are stacked and dropped, glibc
@@ -138,7 +138,7 @@ class CtrLoRAControl(comfy.controlnet.ControlBase):
             condition.lora.check_against(base.module)
         stack = stack_adapters([c.lora.load() for c in conditions], [c.weight for c in conditions],
                                [c.lora.strength for c in conditions])
-        _return_freed_heap()  # the files' tensors are gone now: only the stacked copies stay
+        return_freed_heap()  # the files' tensors are gone now: only the stacked copies stay
         single = conditions[0].lora
         merge_key = (single.identity, single.strength) if len(conditions) == 1 and LoRAAdapter else None
         reuse = None
