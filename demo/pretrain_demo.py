@@ -76,12 +76,12 @@ class Settings:
     ae_channels: tuple[int, ...] = (32, 64, 64)  # 4x downsampling: 64 px images -> 16x16 latents
     ae_steps: int = 1000
     ae_lr: float = 1e-3
-    kl_weight: float = 5e-4
-    unet_steps: int = 2500
-    unet_lr: float = 8e-4
+    kl_weight: float = 1e-4
+    unet_steps: int = 1500
+    unet_lr: float = 5e-4
     unet_prompt_drop: float = 0.1
-    base_steps: int = 1500
-    base_lr: float = 5e-4
+    base_steps: int = 1200
+    base_lr: float = 3e-4
     base_rank: int = 8
     base_prompt_drop: float = 0.3
     text_vocab: int = 1024
