@@ -23,7 +23,9 @@ checkpoint is loaded and the prompts encoded, then a 2-step run measures memory,
 --repeats times a 2-step warm-up and the timed run, whose steps 2..N are averaged (loading,
 merging LoRA weights and the condition's VAE encoding are in step 1). The residual cache is
 emptied before each timed run, except in ctrlora1_rerun, whose timed run follows a full run of
-the same graph with seed 0. Each case's fastest run is reported (all runs are in the JSON).
+the same graph with seed 0. A case's step time is the median over its processes of each
+process's fastest run (one lucky or disturbed process cannot decide a ratio, as the fastest
+run of all could; with --rounds 1 it is that process's fastest run; every run is in the JSON).
 Memory, counted from after the checkpoint is loaded and the prompts encoded: the peak
 (VmHWM on the CPU, torch.cuda.max_memory_allocated on a GPU; includes reading the control
 files) and the resident memory after sampling (the residual cache's entries included, also
@@ -48,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -138,7 +141,9 @@ class Session:
         self.mm, self.sample_fn = mm, comfy.sample
         self.files = fake_models
         cache = fake_models.cache_dir()
-        links = tempfile.mkdtemp(prefix="comfy-step-cn-")
+        # held for the process's life (ComfyUI reads the files when a case loads them), removed at exit
+        self.controlnet_links = tempfile.TemporaryDirectory(prefix="comfy-step-cn-")
+        links = self.controlnet_links.name
         for i in range(3):  # three names: ComfyUI loads three separate copies
             os.symlink(os.path.join(cache, fake_models.CONTROLNET), os.path.join(links, f"cn_{i}.safetensors"))
         folder_paths.add_model_folder_path("checkpoints", cache)
@@ -319,11 +324,13 @@ def subprocess_json(mode: list[str], args: argparse.Namespace, env: dict | None 
 
 
 def summarise(name: str, runs: list[dict]) -> dict:
-    """One case's rounds: memory from the first, every timed run, the fastest run's mean step."""
+    """One case's rounds: memory from the first, every timed run, the median of the processes' fastest runs."""
     out = dict(runs[0])
     out["steps"] = [steps for run in runs for steps in run["steps"]]
     means = [sum(steps) / len(steps) for steps in out["steps"]]
-    out.update(s_per_step=min(means, default=None), s_per_step_runs=means,
+    fastest = [min(sum(steps) / len(steps) for steps in run["steps"]) for run in runs if run["steps"]]
+    out.update(s_per_step=statistics.median(fastest) if fastest else None, s_per_step_processes=fastest,
+               s_per_step_fastest=min(means, default=None), s_per_step_runs=means,
                cpu_share=[run["cpu_share"] for run in runs])
     return out
 
