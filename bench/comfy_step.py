@@ -327,8 +327,9 @@ def summarise(name: str, runs: list[dict]) -> dict:
     """One case's rounds: memory from the first, every timed run, the median of the processes' fastest runs."""
     out = dict(runs[0])
     out["steps"] = [steps for run in runs for steps in run["steps"]]
-    means = [sum(steps) / len(steps) for steps in out["steps"]]
-    fastest = [min(sum(steps) / len(steps) for steps in run["steps"]) for run in runs if run["steps"]]
+    per_process = [[sum(steps) / len(steps) for steps in run["steps"]] for run in runs]
+    means = [mean for process in per_process for mean in process]
+    fastest = [min(process) for process in per_process if process]
     out.update(s_per_step=statistics.median(fastest) if fastest else None, s_per_step_processes=fastest,
                s_per_step_fastest=min(means, default=None), s_per_step_runs=means,
                cpu_share=[run["cpu_share"] for run in runs])
