@@ -54,7 +54,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from ctrlora_core.adapters import CtrLoRAAdapter, stack_adapters  # noqa: E402
 from ctrlora_core.controlnet import CtrLoRAControlNet  # noqa: E402
-from ctrlora_core.files import file_sha256, write_json  # noqa: E402
+from ctrlora_core.files import atomic_write, file_sha256, write_json  # noqa: E402
 from ctrlora_core.formats import save_adapter, save_safetensors  # noqa: E402
 from ctrlora_core.prompts import PromptTemplate  # noqa: E402
 from ctrlora_core.schedule import NoiseSchedule  # noqa: E402
@@ -364,7 +364,8 @@ def main(argv: list[str] | None = None) -> None:
               "reused_stages": work is not None}
     write_json(out / "pretrain_log.json", record)
     files = sorted(p for p in out.iterdir() if p.suffix in (".safetensors", ".json"))
-    (out / "SHA256SUMS").write_text("".join(f"{file_sha256(p)}  {p.name}\n" for p in files))
+    sums = "".join(f"{file_sha256(p)}  {p.name}\n" for p in files)
+    atomic_write(out / "SHA256SUMS", lambda tmp: Path(tmp).write_text(sums))
     log(f"wrote {len(files)} files to {out} in {timings['total'] / 60:.1f} min")
 
 
