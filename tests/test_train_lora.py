@@ -147,6 +147,52 @@ def test_resume_refuses_changed_options(data, tmp_path):
         train(data, tmp_path / "run", "--steps", 4, "--resume", "--rank", 8)
 
 
+def test_learning_rate_schedules():
+    def curve(*flags):
+        config = train_lora.parse_config(["--data", "d", "--model", "m", "--lr", "1e-3", "--steps", "10", *flags])
+        return [train_lora.learning_rate(config, step) for step in range(10)]
+
+    assert curve() == [1e-3] * 10
+    warm = curve("--lr-warmup", "4")
+    assert warm[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3]) and warm[4:] == [1e-3] * 6
+    cosine = curve("--lr-schedule", "cosine", "--lr-warmup", "2")
+    assert cosine[:3] == pytest.approx([5e-4, 1e-3, 1e-3])
+    assert all(a > b for a, b in zip(cosine[2:], cosine[3:]))  # decays every step after the warm-up ...
+    assert cosine[6] == pytest.approx(5e-4) and 0 < cosine[-1] < 1e-4  # ... through half-way to almost 0
+    for bad in (["--lr-schedule", "linear"], ["--lr-warmup", "10"]):
+        with pytest.raises(SystemExit):
+            curve(*bad)
+
+
+def test_cosine_run_logs_its_curve_and_resumes_on_it(data, tmp_path, monkeypatch):
+    flags = ("--steps", 6, "--lr-schedule", "cosine", "--lr-warmup", 2, "--save-every", 3)
+    straight = train(data, tmp_path / "straight", *flags)
+    config = train_lora.parse_config(["--data", "d", "--model", "m", "--lr", "3e-3", *map(str, flags)])
+    logged = [json.loads(line)["lr"] for line in open(tmp_path / "straight" / "log.jsonl")]
+    assert logged == [train_lora.learning_rate(config, step) for step in range(6)]
+    assert scan_file(straight["lora"]).metadata["lr_schedule"] == "cosine"
+
+    calls = []
+    real_loss_on = train_lora.loss_on
+
+    def interrupted(*args):  # the run stops in step 4, after the state of step 3 was saved
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_loss_on(*args)
+
+    monkeypatch.setattr(train_lora, "loss_on", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(data, tmp_path / "split", *flags)
+    monkeypatch.setattr(train_lora, "loss_on", real_loss_on)
+    with pytest.raises(CtrLoRAError, match="steps"):  # a longer run would jump to another curve
+        train(data, tmp_path / "split", *flags[2:], "--steps", 8, "--resume")
+    resumed = train(data, tmp_path / "split", *flags, "--resume")
+    a, _ = lora_tensors(straight["lora"])
+    b, _ = lora_tensors(resumed["lora"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 # Equivalence runs: two runs that differ only in summation order (across micro-batches or processes).
 # - Adam with a large epsilon behaves like SGD with momentum, so rounding differences stay as small
 #   as they are, instead of being scaled up by Adam's per-element normalisation of gradients that are

@@ -98,7 +98,10 @@ class TrainConfig:
                             "ComfyUI this pack is installed in)")
     # LoRA and optimisation
     rank: int = _opt(128, "LoRA rank (official: 128)")
-    lr: float = _opt(1e-5, "AdamW learning rate, constant (official: 1e-5)")
+    lr: float = _opt(1e-5, "AdamW learning rate, the peak of --lr-schedule (official: 1e-5)")
+    lr_schedule: str = _opt("constant", "learning rate over the steps: constant (official) or cosine (from --lr down "
+                                        "to 0 at --steps, which suits short runs at a high lr)")
+    lr_warmup: int = _opt(0, "steps of linear warm-up from 0 to --lr before the schedule")
     weight_decay: float = _opt(0.01, "AdamW weight decay (official: torch default 0.01)")
     adam_eps: float = _opt(1e-8, "AdamW epsilon (official: torch default 1e-8)")
     steps: int = _opt(1000, "optimizer steps in total (official novel-condition LoRAs: 1000 for 1000 pairs)")
@@ -132,13 +135,15 @@ class TrainConfig:
     resume: bool = _opt(False, "continue from OUT/train_state.pt (optimizer, step and RNG states included)")
 
 
+LR_SCHEDULES = ("constant", "cosine")
 LORA_FILE = "lora.safetensors"
 STATE_FILE = "train_state.pt"
 LOG_FILE = "log.jsonl"
-# Options that must not change when a run is resumed (the others may, e.g. --steps).
+# Options that must not change when a run is resumed (the others may, e.g. --steps, except under a
+# decaying --lr-schedule, whose curve ends at --steps).
 RESUME_FIXED = ("data", "model", "base", "rank", "batch_size", "grad_accum", "seed", "prompt_dropout",
                 "prompt_template", "val_data", "val_count", "maps", "blend_alpha", "blend_mode", "region_weights",
-                "seg_palette", "seg_tolerance")
+                "seg_palette", "seg_tolerance", "lr_schedule", "lr_warmup")
 
 
 def _field_type(f) -> type:
@@ -204,6 +209,8 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         (config.model, "--model is required"),
         (config.rank >= 1, "--rank must be >= 1"),
         (config.steps >= 1, "--steps must be >= 1"),
+        (config.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}"),
+        (0 <= config.lr_warmup < config.steps, "--lr-warmup must be >= 0 and less than --steps"),
         (config.batch_size >= 1 and config.grad_accum >= 1, "--batch-size and --grad-accum must be >= 1"),
         (0.0 <= config.prompt_dropout <= 1.0, "--prompt-dropout must be in [0, 1]"),
         (config.precision in ("auto", "bf16", "fp16", "fp32"), "--precision must be auto, bf16, fp16 or fp32"),
@@ -240,6 +247,17 @@ def region_weights(config: TrainConfig) -> RegionWeights | None:
 
 # ----------------------------------------------------------------------------------------------
 # Helpers
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """The lr of optimizer step `step` (0-based). A function of the step alone, so a resumed run
+    continues the same curve without a scheduler state."""
+    if step < config.lr_warmup:
+        return config.lr * (step + 1) / config.lr_warmup
+    if config.lr_schedule == "cosine":
+        progress = (step - config.lr_warmup) / (config.steps - config.lr_warmup)
+        return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return config.lr
+
 
 def _param_name(key: str) -> str:
     return key.replace(".", "/")
@@ -495,7 +513,8 @@ def main(argv: list[str] | None = None) -> dict:
     if config.resume and state_path.is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         defaults = TrainConfig()  # states of older versions lack the newer options: they had the defaults
-        changed = [k for k in RESUME_FIXED if state["config"].get(k, getattr(defaults, k)) != getattr(config, k)]
+        fixed = RESUME_FIXED + (("steps",) if config.lr_schedule != "constant" else ())  # the curve ends at --steps
+        changed = [k for k in fixed if state["config"].get(k, getattr(defaults, k)) != getattr(config, k)]
         if state["world_size"] * state["per_step"] != global_batch:
             changed.append("global batch")
         if changed:
@@ -526,6 +545,8 @@ def main(argv: list[str] | None = None) -> dict:
         "pairs": str(n_train),
         "global_batch": str(global_batch),
         "lr": str(config.lr),
+        "lr_schedule": config.lr_schedule,
+        "lr_warmup": str(config.lr_warmup),
         "prompt_dropout": str(config.prompt_dropout),
         "precision": str(autocast_dtype or torch.float32).replace("torch.", ""),
     }
@@ -540,7 +561,7 @@ def main(argv: list[str] | None = None) -> dict:
         state = {
             "step": step, "params": {k: v.detach().cpu() for k, v in module.snapshot().tensors.items()},
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng_states(),
-            "config": {k: getattr(config, k) for k in RESUME_FIXED}, "world_size": dist_info.world_size,
+            "config": {k: getattr(config, k) for k in RESUME_FIXED + ("steps",)}, "world_size": dist_info.world_size,
             "per_step": per_step}
         atomic_write(state_path, lambda tmp: torch.save(state, tmp))
         save_adapter(module.snapshot(), lora_path, {**metadata, "training_steps": step})
@@ -587,6 +608,8 @@ def main(argv: list[str] | None = None) -> dict:
         if epoch != order_epoch:
             sampler.set_epoch(epoch)
             order, order_epoch = list(sampler), epoch
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, step)
         step_loss = torch.zeros((), device=device)  # summed on the device: no sync per step
         for micro in range(config.grad_accum):
             first = step_in_epoch * per_step + micro * config.batch_size
@@ -614,7 +637,7 @@ def main(argv: list[str] | None = None) -> dict:
             seconds = time.perf_counter() - window_start
             last_loss = distributed.mean_across(dist_info, float(torch.stack(window_losses).mean()), device)
             progress.set_postfix(loss=f"{last_loss:.4f}")
-            record = {"step": done, "loss": last_loss, "lr": config.lr,
+            record = {"step": done, "loss": last_loss, "lr": optimizer.param_groups[0]["lr"],
                       "steps_per_s": len(window_losses) / seconds,
                       "samples_per_s": len(window_losses) * global_batch / seconds, "epoch": epoch}
             if device.type == "cuda":
