@@ -16,14 +16,18 @@ Cases (batch B images of one prompt; CFG doubles the rows):
   controlnet_b4   (a) at B = 4
   ctrlora1_b4     (b) at B = 4 (the base runs on the 2 distinct rows of the 8)
   ctrlora1_rerun  (b), timing the second run of the same graph with a new seed (residuals from
-                  the residual cache)
+                  the residual cache), and txt2img in the same process, the two taking turns
 Every case runs in a fresh process of its own (memory and time), --rounds times, the cases
 taking turns round by round (so a busy shared machine slows them alike). In a process: the
 checkpoint is loaded and the prompts encoded, then a 2-step run measures memory, then
 --repeats times a 2-step warm-up and the timed run, whose steps 2..N are averaged (loading,
 merging LoRA weights and the condition's VAE encoding are in step 1). The residual cache is
-emptied before each timed run, except in ctrlora1_rerun, whose timed run follows a full run of
-the same graph with seed 0. A case's step time is the median over its processes of each
+emptied before each timed run, except in ctrlora1_rerun, whose timed runs follow a full run of
+the same graph with seed 0; each of its repeats also times a txt2img run (first or second in
+turn), and the re-run target compares the two in that process: between processes the same UNet
+step differs by more than the 4 ms a step that the cached control costs (the process's heap
+history and the hour's drift; a profile of both runs in one process finds the same UNet kernels
+with the same times). A case's step time is the median over its processes of each
 process's fastest run (one lucky or disturbed process cannot decide a ratio, as the fastest
 run of all could; with --rounds 1 it is that process's fastest run; every run is in the JSON).
 Memory, counted from after the checkpoint is loaded and the prompts encoded: the peak
@@ -81,18 +85,22 @@ CASES = {
     "ctrlora1_b4": Case("ctrlora1", batch=4),
     "ctrlora1_rerun": Case("ctrlora1", rerun=True),
 }
-RATIOS = {  # name: (case, over case, measure, target)
-    "b_over_a_step": ("ctrlora1", "controlnet", "s_per_step", 1.03),
-    "batch4_ctrlora1_over_controlnet": ("ctrlora1_b4", "controlnet_b4", "s_per_step", 0.75),
-    "rerun_ctrlora1_over_txt2img": ("ctrlora1_rerun", "txt2img", "s_per_step", 1.05),
-    "c_over_three_copies_control_resident_memory": ("ctrlora3", "controlnet3", "control_resident_bytes", 0.45),
-    "c_over_three_chained_step": ("ctrlora3", "controlnet3", "s_per_step", 0.8),
-    "c_over_three_copies_control_peak_memory": ("ctrlora3", "controlnet3", "control_peak_bytes", None),
-    "c_over_three_copies_control_weights": ("ctrlora3", "controlnet3", "control_weight_bytes", None),
-    "c_over_three_copies_control_resident_untrimmed": ("ctrlora3", "controlnet3",
-                                                       "control_resident_untrimmed_bytes", None),
-    "a_over_txt2img_step": ("controlnet", "txt2img", "s_per_step", None),
-    "b_over_txt2img_step": ("ctrlora1", "txt2img", "s_per_step", None),
+RATIOS = {  # name: (case, its measure, over case, its measure, target)
+    "b_over_a_step": ("ctrlora1", "s_per_step", "controlnet", "s_per_step", 1.03),
+    "batch4_ctrlora1_over_controlnet": ("ctrlora1_b4", "s_per_step", "controlnet_b4", "s_per_step", 0.75),
+    "rerun_ctrlora1_over_txt2img": ("ctrlora1_rerun", "s_per_step", "ctrlora1_rerun", "txt2img_s_per_step", 1.05),
+    "c_over_three_copies_control_resident_memory": ("ctrlora3", "control_resident_bytes",
+                                                    "controlnet3", "control_resident_bytes", 0.45),
+    "c_over_three_chained_step": ("ctrlora3", "s_per_step", "controlnet3", "s_per_step", 0.8),
+    "c_over_three_copies_control_peak_memory": ("ctrlora3", "control_peak_bytes",
+                                                "controlnet3", "control_peak_bytes", None),
+    "c_over_three_copies_control_weights": ("ctrlora3", "control_weight_bytes",
+                                            "controlnet3", "control_weight_bytes", None),
+    "c_over_three_copies_control_resident_untrimmed": ("ctrlora3", "control_resident_untrimmed_bytes",
+                                                       "controlnet3", "control_resident_untrimmed_bytes", None),
+    "rerun_ctrlora1_over_txt2img_separate_processes": ("ctrlora1_rerun", "s_per_step", "txt2img", "s_per_step", None),
+    "a_over_txt2img_step": ("controlnet", "s_per_step", "txt2img", "s_per_step", None),
+    "b_over_txt2img_step": ("ctrlora1", "s_per_step", "txt2img", "s_per_step", None),
 }
 
 
@@ -268,14 +276,20 @@ def measure_case(name: str, args: argparse.Namespace) -> dict:
     session.sample(positive, negative, 2, seed=0)
     peak, resident, untrimmed = session.memory(args.device, start_rss)
     cache_bytes = session.residual_cache.nbytes
-    runs, share = [], CpuShare()
+    runs, txt2img_runs, share = [], [], CpuShare()
     for repeat in range(args.repeats):
         session.sample(positive, negative, 2, seed=0)  # warm-up: loads and (un)merges LoRA weights
         session.residual_cache.clear()
         if case.rerun:
             session.sample(positive, negative, args.steps, seed=0)  # the first run of the graph
-        with share:
-            runs.append(session.sample(positive, negative, args.steps, seed=repeat + 1))
+        order = ([False, True] if repeat % 2 == 0 else [True, False]) if case.rerun else [False]
+        for plain in order:  # in ctrlora1_rerun, txt2img runs first in every other repeat
+            with share:
+                if plain:
+                    txt2img_runs.append(session.sample(session.positive, session.negative, args.steps,
+                                                       seed=repeat + 1))
+                else:
+                    runs.append(session.sample(positive, negative, args.steps, seed=repeat + 1))
     breakdown = None
     if args.breakdown and case.control in ("controlnet", "ctrlora1"):
         session.residual_cache.clear()
@@ -287,6 +301,7 @@ def measure_case(name: str, args: argparse.Namespace) -> dict:
     return {"case": name, "batch": case.batch, "peak_bytes": peak, "resident_bytes": resident,
             "resident_untrimmed_bytes": untrimmed,
             "residual_cache_bytes": cache_bytes, "control_weight_bytes": control_bytes, "steps": runs,
+            "txt2img_steps": txt2img_runs,
             "breakdown": breakdown, "cpu_share": share.value(torch.get_num_threads()), "torch": torch.__version__,
             "threads": torch.get_num_threads()}
 
@@ -323,16 +338,24 @@ def subprocess_json(mode: list[str], args: argparse.Namespace, env: dict | None 
     return child_result(command, " ".join(mode), env)
 
 
-def summarise(name: str, runs: list[dict]) -> dict:
-    """One case's rounds: memory from the first, every timed run, the median of the processes' fastest runs."""
-    out = dict(runs[0])
-    out["steps"] = [steps for run in runs for steps in run["steps"]]
-    per_process = [[sum(steps) / len(steps) for steps in run["steps"]] for run in runs]
+def step_statistics(processes: list[list[list[float]]]) -> dict:
+    """Step times of one case (per process, its timed runs' step durations): the median over the
+    processes of each process's fastest run, and the figures behind it."""
+    per_process = [[sum(steps) / len(steps) for steps in runs] for runs in processes]
     means = [mean for process in per_process for mean in process]
     fastest = [min(process) for process in per_process if process]
-    out.update(s_per_step=statistics.median(fastest) if fastest else None, s_per_step_processes=fastest,
-               s_per_step_fastest=min(means, default=None), s_per_step_runs=means,
-               cpu_share=[run["cpu_share"] for run in runs])
+    return {"s_per_step": statistics.median(fastest) if fastest else None, "s_per_step_processes": fastest,
+            "s_per_step_fastest": min(means, default=None), "s_per_step_runs": means}
+
+
+def summarise(name: str, runs: list[dict]) -> dict:
+    """One case's rounds: memory from the first, every timed run, the step statistics."""
+    out = dict(runs[0])
+    out["steps"] = [steps for run in runs for steps in run["steps"]]
+    out["txt2img_steps"] = [steps for run in runs for steps in run["txt2img_steps"]]
+    out.update(step_statistics([run["steps"] for run in runs]), cpu_share=[run["cpu_share"] for run in runs])
+    if out["txt2img_steps"]:
+        out.update({f"txt2img_{k}": v for k, v in step_statistics([run["txt2img_steps"] for run in runs]).items()})
     return out
 
 
@@ -392,15 +415,18 @@ def main() -> None:
               f"control weights {r['control_weight_bytes'] / 2**30:5.2f} GiB   CPU share "
               f"{min(r['cpu_share']):.2f}", flush=True)
     for case, r in results.items():
+        if r.get("txt2img_s_per_step"):
+            print(f"{case:<15} {r['txt2img_s_per_step']:7.3f} s/step for txt2img in the same processes")
+    for case, r in results.items():
         if r["breakdown"]:
             b = r["breakdown"]
             print(f"{case:<15} per step {b['step_s']:.3f} s: get_control {b['get_control_s']:.3f} s, of which the "
                   f"control network {b['forward_s']:.3f} s; the rest (UNet, sampler) "
                   f"{b['step_s'] - b['get_control_s']:.3f} s")
     ratios, targets = {}, {}
-    for name, (case, over, key, target) in RATIOS.items():
-        ok = case in results and over in results and results[case].get(key) is not None and results[over].get(key)
-        ratios[name] = results[case][key] / results[over][key] if ok else None
+    for name, (case, key, over, over_key, target) in RATIOS.items():
+        ok = case in results and over in results and results[case].get(key) is not None and results[over].get(over_key)
+        ratios[name] = results[case][key] / results[over][over_key] if ok else None
         targets[name] = target
         shown = "n/a" if ratios[name] is None else f"{ratios[name]:.3f}"
         print(f"{name:<46} {shown:>6}   {'' if target is None else f'target <= {target}'}")
