@@ -282,14 +282,14 @@ def measure_case(name: str, args: argparse.Namespace) -> dict:
         session.residual_cache.clear()
         if case.rerun:
             session.sample(positive, negative, args.steps, seed=0)  # the first run of the graph
-        order = ([False, True] if repeat % 2 == 0 else [True, False]) if case.rerun else [False]
-        for plain in order:  # in ctrlora1_rerun, txt2img runs first in every other repeat
+        timed = [(runs, positive, negative)]
+        if case.rerun:  # txt2img in the same process, first in every other repeat
+            timed.append((txt2img_runs, session.positive, session.negative))
+            if repeat % 2:
+                timed.reverse()
+        for into, case_positive, case_negative in timed:
             with share:
-                if plain:
-                    txt2img_runs.append(session.sample(session.positive, session.negative, args.steps,
-                                                       seed=repeat + 1))
-                else:
-                    runs.append(session.sample(positive, negative, args.steps, seed=repeat + 1))
+                into.append(session.sample(case_positive, case_negative, args.steps, seed=repeat + 1))
     breakdown = None
     if args.breakdown and case.control in ("controlnet", "ctrlora1"):
         session.residual_cache.clear()
